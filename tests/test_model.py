@@ -1,0 +1,115 @@
+"""The model's pieces against independent references and their own invariants."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llama3_mini.config import ModelArgs, get_preset
+from llama3_mini.model import RMSNorm, Transformer, attention, causal_mask, repeat_kv
+from llama3_mini.rope import apply_rotary_emb, apply_scaling, precompute_freqs_cis, rope_frequencies
+
+
+def test_rmsnorm_equals_torch_rmsnorm():
+    torch.manual_seed(0)
+    ours, theirs = RMSNorm(48, eps=1e-5), torch.nn.RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.normal_()
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(3, 7, 48) * 5
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_explicit_attention_equals_torch_sdpa_with_causal_mask():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 9, 16).unbind(0)
+    out, weights = attention(q, k, v, causal_mask(9))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, expected)
+    assert torch.all(weights.triu(diagonal=1) == 0)  # nothing from the future
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 9))
+
+
+def test_causal_mask_with_cached_prefix():
+    mask = causal_mask(2, start_pos=3)
+    assert mask.shape == (2, 5)
+    assert torch.isinf(mask).tolist() == [[False] * 4 + [True], [False] * 5]
+
+
+def test_repeat_kv_groups_heads_in_order():
+    x = torch.arange(2 * 3 * 2 * 4.0).view(2, 3, 2, 4)  # two KV heads
+    y = repeat_kv(x, 3)
+    assert y.shape == (2, 3, 6, 4)
+    for h in range(6):
+        assert torch.equal(y[:, :, h], x[:, :, h // 3])
+
+
+@settings(max_examples=20, deadline=None)
+@given(n_kv_heads=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2]),
+       seq=st.integers(1, 12), scaled=st.booleans())
+def test_fast_attention_path_equals_explicit_path(n_kv_heads, group, seq, scaled):
+    torch.manual_seed(seq)
+    args = ModelArgs(dim=8 * n_kv_heads * group, n_layers=2, n_heads=n_kv_heads * group,
+                     n_kv_heads=n_kv_heads, vocab_size=50, multiple_of=8, max_seq_len=16,
+                     use_scaled_rope=scaled, rope_original_max_seq_len=4)
+    model = Transformer(args).eval()
+    tokens = torch.randint(0, 50, (2, seq))
+    fast = model.set_fast_attention(True)(tokens)
+    explicit = model.set_fast_attention(False)(tokens)
+    torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_rotation_preserves_norms_and_depends_on_relative_position():
+    torch.manual_seed(0)
+    freqs = precompute_freqs_cis(16, 64, theta=10000.0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m, n):
+        qm, _ = apply_rotary_emb(q, q, freqs[m:m + 1])
+        _, kn = apply_rotary_emb(k, k, freqs[n:n + 1])
+        return (qm * kn).sum()
+
+    qr, _ = apply_rotary_emb(q, q, freqs[37:38])
+    torch.testing.assert_close(qr.norm(), q.norm())
+    torch.testing.assert_close(score(10, 3), score(50, 43))
+    assert not torch.isclose(score(10, 3), score(10, 4))
+
+
+def test_rope_scaling_bands_by_hand():
+    freqs = rope_frequencies(128, 500000.0)
+    scaled = apply_scaling(freqs, scale_factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                           original_max_seq_len=8192)
+    wavelen = 2 * torch.pi / freqs
+    high = wavelen < 8192 / 4
+    low = wavelen > 8192 / 1
+    torch.testing.assert_close(scaled[high], freqs[high])
+    torch.testing.assert_close(scaled[low], freqs[low] / 8)
+    mid = ~high & ~low
+    i = int(mid.nonzero()[0])
+    smooth = (8192 / wavelen[i] - 1) / (4 - 1)
+    torch.testing.assert_close(scaled[i], (1 - smooth) * freqs[i] / 8 + smooth * freqs[i])
+    # factor 1 leaves every frequency as it was
+    torch.testing.assert_close(apply_scaling(freqs, scale_factor=1.0), freqs)
+
+
+def test_sequence_longer_than_max_seq_len_is_refused():
+    model = Transformer(get_preset("tiny").replace(max_seq_len=8, n_layers=1))
+    with pytest.raises(ValueError, match=r"sequence of 9 positions.*max_seq_len \(8\)"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"start_pos 6 \+ 3 tokens"):
+        model(torch.zeros(1, 3, dtype=torch.long), start_pos=6)
+
+
+def test_model_trains_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny").replace(n_layers=2, vocab_size=64))
+    tokens = torch.randint(0, 64, (2, 10))
+    loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1),
+                                             tokens[:, 1:].flatten())
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_bf16_model_keeps_rope_angles_in_float32():
+    model = Transformer(get_preset("tiny").replace(n_layers=1)).to(torch.bfloat16)
+    assert model.freqs_cis.dtype == torch.complex64
+    assert model(torch.zeros(1, 4, dtype=torch.long)).dtype == torch.float32
