@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: setup lab test test-fast notebooks bench lint clean
+.PHONY: setup browser lab test test-fast notebooks bench lint clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,14 @@ $(STAMP): pyproject.toml
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/00_llama3_at_a_glance.ipynb
 
-# Every test: unit, parity, property, and nbval replaying every notebook.
-test: $(STAMP)
+# The browser tests drive the widgets in headless Chromium: install it when it is missing
+# and we can (as root, as in CI); otherwise those tests skip and say how to enable them.
+browser:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+# Every test: unit, parity, property, browser, and nbval replaying every notebook.
+test: $(STAMP) browser
 	PYTHONHASHSEED=0 $(PY) -m pytest tests notebooks $(NBVAL) -q
 
 # The Python tests alone, without replaying the notebooks.
