@@ -50,3 +50,37 @@ def run_checks(name: str, fn: Callable, reference: Callable, cases: Iterable[tup
     if not quiet:
         print(f"✓ {name}: right on all {len(cases)} cases")
     return True
+
+
+# --- Chapter 00: counting parameters -------------------------------------------------------
+
+def _config_cases():
+    from .config import PRESETS, ModelArgs
+
+    cases = [(args.replace(),) for args in PRESETS.values()]
+    cases += [(ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=kv, vocab_size=100,
+                         multiple_of=16, max_seq_len=32, tie_word_embeddings=tie),)
+              for kv in (1, 2, 8) for tie in (False, True)]
+    return cases
+
+
+def check_count_params(fn) -> bool:
+    """fn(args) -> the model's total parameter count, from its shapes alone."""
+    from .config import num_params
+
+    return run_checks("count_params", fn, num_params, _config_cases())
+
+
+# --- Chapter 04: the SwiGLU hidden size ----------------------------------------------------
+
+def check_ffn_hidden_dim(fn) -> bool:
+    """fn(dim, multiple_of, ffn_dim_multiplier) -> Meta's SwiGLU hidden size."""
+    from .config import ModelArgs
+
+    def reference(dim, multiple_of, multiplier):
+        return ModelArgs(dim=dim, n_heads=2, n_layers=1, multiple_of=multiple_of,
+                         ffn_dim_multiplier=multiplier).hidden_dim
+
+    cases = [(4096, 1024, 1.3), (8192, 4096, 1.3), (16384, 4096, 1.2), (2048, 256, 1.5),
+             (3072, 256, 1.0), (256, 32, None), (100, 1, None), (96, 7, 0.9), (4096, 256, None)]
+    return run_checks("ffn_hidden_dim", fn, reference, cases)
