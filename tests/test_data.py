@@ -1,0 +1,194 @@
+"""The corpora: the story grammar parses back into its choices (so its entropy is exact),
+grammaticality, text files with bad bytes, and the token plumbing (split, pack, batches)."""
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llama3_mini import data
+from llama3_mini.data import (
+    batch_at,
+    entropy_bits_per_byte,
+    is_grammatical,
+    make_stories,
+    make_story,
+    pack_documents,
+    parse_story,
+    parse_story_all,
+    read_text_corpus,
+    read_text_file,
+    split_documents,
+    write_token_file,
+)
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer: one token per byte, then two special tokens."""
+
+    n_words = 258
+    special_tokens = {"<|begin_of_text|>": 256, "<|end_of_text|>": 257}
+
+    def encode(self, s, bos=False, eos=False):
+        return [256] * bos + list(s.encode("utf-8")) + [257] * eos
+
+    def decode_bytes(self, ids):
+        return bytes(i for i in ids if i < 256)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_every_story_parses_back_into_exactly_its_choices(seed):
+    story = make_story(random.Random(seed))
+    parses = parse_story_all(story.text, limit=2)
+    assert len(parses) == 1, f"{len(parses)} parses of {story.text!r}"
+    assert parses[0].choices == story.choices
+    assert parses[0].bits == pytest.approx(story.bits, abs=1e-9)
+
+
+# How many options each label has, and the weighted ones, written out independently of data.py.
+SIZES = {"trait": 16, "kind": 16, "hero": 32, "place": 16, "have": 8, "color": 8, "thing": 16,
+         "thing was": 8, "friend form": 2, "friend trait": 16, "friend kind": 16, "friend": 31,
+         "when": 8, "problem": 5, "spot": 8, "pieces": 4, "feeling": 8, "reaction": 4,
+         "saying": 8, "fix": 8, "search": 8, "how long": 8, "found at": 8, "glad": 4,
+         "ending": 8, "moral": 8}
+WEIGHTED = {("opening", "there was"): 0.5, ("opening", "lived in"): 0.3,
+            ("opening", "long ago"): 0.2, ("moral?", "no"): 0.5, ("moral?", "yes"): 0.5}
+
+
+def test_entropy_floor_equals_the_information_in_the_parsed_choices():
+    stories = make_stories(60, seed=1)
+    total_bits = 0.0
+    for s in stories:
+        more = [c for c in s.choices if c[0] == "more"]
+        for label, option in parse_story(s.text).choices:
+            if label == "more":
+                continue
+            total_bits += (-math.log2(WEIGHTED[label, option]) if (label, option) in WEIGHTED
+                           else math.log2(SIZES[label]))
+        # after episode 1: stop 0.6 / more 0.4; after episode 2: stop 0.7 / more 0.3
+        probs = [{"stop": 0.6, "more": 0.4}, {"stop": 0.7, "more": 0.3}]
+        total_bits += sum(-math.log2(probs[i][opt]) for i, (_, opt) in enumerate(more))
+    n_bytes = sum(len(s.text.encode()) for s in stories)
+    assert entropy_bits_per_byte(stories) == pytest.approx(total_bits / n_bytes, rel=1e-12)
+    assert 0.05 < total_bits / n_bytes < 1.0
+
+
+def test_opening_frequencies_follow_the_grammar_weights():
+    counts = {}
+    for s in make_stories(3000, seed=2):
+        form = s.choices[0][1]  # the generator's record (parsing gives the same, above)
+        counts[form] = counts.get(form, 0) + 1
+    for form, p in [("there was", 0.5), ("lived in", 0.3), ("long ago", 0.2)]:
+        assert abs(counts[form] / 3000 - p) < 0.03, counts
+
+
+def test_names_recur_so_a_model_must_copy_them():
+    for s in make_stories(100, seed=3):
+        choices = dict(s.choices)
+        assert s.text.count(choices["hero"]) >= 4, s.text
+        assert s.text.count(choices["friend"]) >= 2, s.text
+        assert choices["hero"] != choices["friend"]
+
+
+def test_is_grammatical_accepts_stories_and_rejects_broken_ones():
+    for s in make_stories(20, seed=4):
+        hero, friend = dict(s.choices)["hero"], dict(s.choices)["friend"]
+        assert is_grammatical(s.text)
+        assert not is_grammatical(s.text[:-1]), "a truncated story"
+        assert not is_grammatical(s.text + " The end."), "text after the end"
+        # the hero's name changed in one place only: the copy is broken
+        first = s.text.index(hero)
+        second = s.text.index(hero, first + len(hero))
+        other = "Zoe" if hero != "Zoe" and friend != "Zoe" else "Tom"
+        assert not is_grammatical(s.text[:second] + other + s.text[second + len(hero):])
+    assert not is_grammatical("")
+    assert not is_grammatical("Once upon a time, there was a purple dragon named Tom.")
+    with pytest.raises(ValueError, match="not a story of this grammar"):
+        parse_story("Once upon a time.")
+
+
+def test_same_seed_same_stories_different_seed_different():
+    assert [s.text for s in make_stories(5, 7)] == [s.text for s in make_stories(5, 7)]
+    assert [s.text for s in make_stories(5, 7)] != [s.text for s in make_stories(5, 8)]
+
+
+def test_bad_utf8_names_file_and_offset_or_is_replaced(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"hello \xff world")
+    with pytest.raises(ValueError, match=r"bad\.txt: invalid UTF-8 at byte offset 6"):
+        read_text_file(path)
+    assert read_text_file(path, errors="replace") == "hello \ufffd world"
+    with pytest.raises(ValueError, match="offset 6"):
+        read_text_corpus(tmp_path)
+    assert read_text_corpus(tmp_path, errors="replace") == ["hello \ufffd world"]
+
+
+def test_folder_corpus_and_missing_paths(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("second", encoding="utf-8")
+    (tmp_path / "sub" / "a.md").write_text("héllo", encoding="utf-8")
+    (tmp_path / "skip.bin").write_bytes(b"\x00\xff")
+    assert read_text_corpus(tmp_path) == ["second", "héllo"]
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        read_text_corpus(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no files ending with"):
+        read_text_corpus(tmp_path / "sub", suffixes=(".py",))
+
+
+def test_stdlib_corpus_is_python_code():
+    docs = data.python_stdlib_corpus(max_files=5)
+    assert len(docs) == 5 and all("import" in d or "def " in d for d in docs)
+
+
+def test_split_keeps_documents_whole_and_apart():
+    docs = [f"doc {i}" for i in range(100)]
+    train, val = split_documents(docs, 0.1)
+    assert len(val) == 10 and len(train) == 90 and not set(train) & set(val)
+    with pytest.raises(ValueError, match="too few"):
+        split_documents(["only one"], 0.5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(2, 40), min_size=1, max_size=12), st.integers(4, 24))
+def test_packing_predicts_every_token_once_in_order(lengths, seq_len):
+    docs = [np.arange(1000 * i, 1000 * i + n) for i, n in enumerate(lengths)]
+    rows = pack_documents(docs, seq_len)
+    assert rows.shape[1] == seq_len + 1
+    targets = [t for row in rows for t in row[1:].tolist() if t >= 0]
+    starts = {d[0].item() for d in docs}
+    unseen = {row[0].item() for row in rows} & starts  # a document starting a row
+    # every token is predicted exactly once, in order, except documents' first tokens that
+    # open a row (nothing comes before them to predict from)
+    assert len(targets) == len(set(targets))
+    assert set(targets) == {t for d in docs for t in d.tolist()} - unseen
+    assert targets == sorted(targets)
+
+
+def test_token_file_round_trip_and_batches(tmp_path):
+    docs = [np.array(ByteTokenizer().encode(s.text, bos=True, eos=True), dtype=np.uint16)
+            for s in make_stories(30, seed=5)]
+    tokens = write_token_file(docs, tmp_path / "train.bin")
+    assert isinstance(tokens, np.memmap) and not (tmp_path / "train.bin.tmp").exists()
+    np.testing.assert_array_equal(tokens, np.concatenate(docs))
+    x, y = batch_at(tokens, step=3, batch_size=4, seq_len=16, seed=0)
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.long
+    torch.testing.assert_close(x[:, 1:], y[:, :-1])
+    x2, _ = batch_at(tokens, step=3, batch_size=4, seq_len=16, seed=0)
+    torch.testing.assert_close(x, x2)
+    assert not torch.equal(x, batch_at(tokens, step=4, batch_size=4, seq_len=16, seed=0)[0])
+    shares = [batch_at(tokens, 3, 4, 16, 0, rank=r, world_size=2)[0] for r in range(2)]
+    torch.testing.assert_close(torch.stack([shares[0], shares[1]], 1).flatten(0, 1), x)
+    with pytest.raises(ValueError, match="multiple of the number of processes"):
+        batch_at(tokens, 0, 3, 16, world_size=2)
+
+
+def test_story_data_floor_and_bytes():
+    d = data.story_data(ByteTokenizer(), n_stories=40, seq_len=64)
+    val = split_documents(make_stories(40, 0), 0.05)[1]
+    assert d.floor == pytest.approx(entropy_bits_per_byte(val))
+    real = d.val_rows[:, 1:][d.val_rows[:, 1:] >= 0]
+    assert d.token_bytes[real].sum().item() == sum(len(s.text.encode()) for s in val)
