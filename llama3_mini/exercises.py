@@ -28,7 +28,7 @@ def same(got: Any, expected: Any, atol: float = 1e-5) -> bool:
                 and torch.allclose(got.double(), expected.double(), atol=atol, rtol=1e-5))
     if isinstance(expected, (list, tuple)):
         return (isinstance(got, (list, tuple)) and len(got) == len(expected)
-                and all(same(g, e, atol) for g, e in zip(got, expected)))
+                and all(same(g, e, atol) for g, e in zip(got, expected, strict=True)))
     if isinstance(expected, float):
         return isinstance(got, (int, float)) and abs(got - expected) <= atol * max(1, abs(expected))
     return got == expected
@@ -84,3 +84,66 @@ def check_ffn_hidden_dim(fn) -> bool:
     cases = [(4096, 1024, 1.3), (8192, 4096, 1.3), (16384, 4096, 1.2), (2048, 256, 1.5),
              (3072, 256, 1.0), (256, 32, None), (100, 1, None), (96, 7, 0.9), (4096, 256, None)]
     return run_checks("ffn_hidden_dim", fn, reference, cases)
+
+
+# --- Chapter 07: the loss mask of supervised fine-tuning -----------------------------------
+
+def _same_mask(got, expected) -> bool:
+    try:
+        got = torch.as_tensor(got).bool()
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return got.shape == expected.shape and bool(torch.equal(got, expected))
+
+
+def check_loss_mask(fn) -> bool:
+    """fn(n_prompt, n_total) -> (n_total - 1,) booleans: True where the next-token target
+    is a reply token (counts in the loss), False where it is a prompt token."""
+    from .finetune import loss_mask
+
+    cases = [(1, 2), (2, 2), (3, 7), (5, 6), (1, 9), (12, 20), (30, 31), (4, 40)]
+    return run_checks("loss_mask", fn, loss_mask, cases, compare=_same_mask)
+
+
+# --- Chapter 09: merging Meta's model-parallel shards --------------------------------------
+
+class _Shards(list):
+    """Shards that print as a one-line summary rather than as every tensor."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} shard(s) of {len(self[0])} tensors>"
+
+
+def _shard_cases():
+    from .config import ModelArgs
+    from .hub import split_meta_shards
+    from .model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=64,
+                                  multiple_of=16, max_seq_len=16))
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    return [(_Shards(split_meta_shards(sd, n)),) for n in (1, 2, 4)]
+
+
+def _same_tensors(got, expected) -> bool:
+    if not isinstance(got, dict) or got.keys() != expected.keys():
+        missing = sorted(set(expected) - set(got)) if isinstance(got, dict) else "all"
+        print(f"  the tensor names differ: missing {missing}")
+        return False
+    for name, want in expected.items():
+        if not same(got[name], want):
+            shape = tuple(got[name].shape) if isinstance(got[name], torch.Tensor) else "?"
+            print(f"  {name}: got shape {shape}, expected {tuple(want.shape)} "
+                  "(or the same shape with the pieces in the wrong place)")
+            return False
+    return True
+
+
+def check_merge_shards(fn) -> bool:
+    """fn(shards: list of state dicts) -> one state dict, each tensor's pieces joined along
+    the dimension Meta's model parallelism split it (norms: one copy)."""
+    from .hub import merge_meta_shards
+
+    return run_checks("merge_shards", fn, merge_meta_shards, _shard_cases(),
+                      compare=_same_tensors)

@@ -208,3 +208,30 @@ def test_tokenizer_json_gives_the_ranks_of_metas_tokenizer_model():
     assert len(ranks) == len(expected) == 128000
     assert ranks == expected
     assert special["<|begin_of_text|>"] == 128000 and special["<|eot_id|>"] == 128009
+
+
+def test_merge_shards_checker_accepts_the_reference_and_rejects_plausible_mistakes(capsys):
+    from llama3_mini.exercises import check_merge_shards
+
+    assert check_merge_shards(hub.merge_meta_shards)
+    assert "✓ merge_shards" in capsys.readouterr().out
+
+    def all_rows(shards):  # every tensor joined along dim 0
+        return {k: torch.cat([s[k] for s in shards], 0) for k in shards[0]}
+
+    def row_parallel_as_rows(shards):  # wo and w2 joined like wq
+        out = hub.merge_meta_shards(shards)
+        for k in out:
+            if k.endswith(("wo.weight", "w2.weight")):
+                out[k] = torch.cat([s[k] for s in shards], 0)
+        return out
+
+    def norms_concatenated(shards):
+        return {k: (torch.cat([s[k] for s in shards], 0) if "norm" in k else v)
+                for k, v in hub.merge_meta_shards(shards).items()}
+
+    for fn, name in [(all_rows, "tok_embeddings.weight"), (row_parallel_as_rows, "wo.weight"),
+                     (norms_concatenated, "norm.weight")]:
+        assert not check_merge_shards(fn)
+        out = capsys.readouterr().out
+        assert "✗ merge_shards(<2 shard(s)" in out and name in out, out
