@@ -147,3 +147,32 @@ def check_merge_shards(fn) -> bool:
 
     return run_checks("merge_shards", fn, merge_meta_shards, _shard_cases(),
                       compare=_same_tensors)
+
+
+# --- Chapter 01: the tokenizer -------------------------------------------------------------
+
+def _merge_cases():
+    cases = [([1, 2, 3, 1, 2], (1, 2), 256), ([], (1, 2), 256), ([1], (1, 2), 256),
+             ([1, 2], (2, 1), 256), ([2, 1, 2, 1], (1, 2), 300), ([7, 7, 7], (7, 7), 256),
+             ([7, 7, 7, 7], (7, 7), 256), ([3, 4, 3, 4, 3], (3, 4), 999), ([5, 1, 2], (1, 2), 256)]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        ids = torch.randint(0, 3, (40,), generator=generator).tolist()
+        cases.append((ids, (ids[0], ids[1]), 256))
+    return cases
+
+
+def check_merge(fn) -> bool:
+    """fn(ids, pair, new_id) -> a new list: ids with each occurrence of pair, scanning left
+    to right, replaced by new_id ([7, 7, 7] with (7, 7) -> [new_id, 7])."""
+    from .tokenizer import merge
+
+    return run_checks("merge", fn, merge, _merge_cases())
+
+
+def check_count_pairs(fn) -> bool:
+    """fn(ids) -> {pair: how often it occurs as adjacent ids} ([7, 7, 7] -> {(7, 7): 2})."""
+    from .tokenizer import count_pairs
+
+    return run_checks("count_pairs", fn, lambda ids: count_pairs(ids),
+                      [(ids,) for ids, _, _ in _merge_cases()])
