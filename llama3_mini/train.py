@@ -1,0 +1,361 @@
+"""Training: AdamW (weight decay on matrices only), linear warm-up then cosine decay,
+gradient clipping and accumulation, optional bf16 autocast, evaluation in bits per byte,
+atomic checkpoints that resume exactly, and DistributedDataParallel under torchrun.
+
+    torchrun --nproc_per_node=8 -m llama3_mini.cli train --preset tiny --steps 2000
+
+runs the same loop on 8 GPUs (nccl), or on CPU processes (gloo): each process takes its
+share of every global batch and DDP averages the gradients."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .config import ModelArgs
+from .data import TokenData, batch_at
+from .model import Transformer, pick_device
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 16  # sequences per optimizer step, all processes together
+    grad_accum: int = 1  # micro-batches per step in each process
+    seq_len: int = 256
+    lr: float = 2e-3  # peak learning rate, reached after warm-up
+    min_lr: float = 2e-4  # the cosine decays to this at the last step
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    eval_every: int = 100  # 0: evaluate at the end only
+    save_every: int = 0  # 0: save at the end only (when there is an out_dir)
+    keep: int = 2  # checkpoints kept on disk
+    seed: int = 0  # decides the batches (with the step), and the initial weights
+    bf16: bool = False  # autocast matrix products to bfloat16 (CPU or GPU)
+    fast_attention: bool = True  # scaled_dot_product_attention, else the explicit path
+    max_minutes: float | None = None  # stop early once this much time has passed
+
+
+def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int,
+          min_lr: float = 0.0) -> float:
+    """Learning rate of optimizer step `step` (0-based): rises linearly from max_lr /
+    warmup_steps to max_lr over the warm-up, then follows half a cosine down to min_lr at
+    the last step (total_steps - 1), and stays there."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (embeddings, projections) and none on the
+    RMSNorm gains, which are vectors."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+@torch.no_grad()
+def evaluate_bpb(model, rows: torch.Tensor, token_bytes: torch.Tensor, batch_size: int = 16,
+                 bf16: bool = False, device=None) -> dict:
+    """Bits per byte of whole documents: the summed loss of every predicted token, in bits,
+    over the UTF-8 bytes those tokens stand for. rows: (n, seq_len + 1), pad -100."""
+    device = pick_device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, n_bytes, n_tokens = 0.0, 0.0, 0
+    for chunk in rows.split(batch_size):
+        chunk = chunk.to(device)
+        inputs, targets = chunk[:, :-1].clamp(min=0), chunk[:, 1:]  # pads only follow a row
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(inputs)  # (batch, seq_len, vocab_size)
+        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                               reduction="sum").item()
+        real = targets[targets >= 0]
+        n_bytes += token_bytes.to(device)[real].sum().item()
+        n_tokens += real.numel()
+    model.train(was_training)
+    return {"val_loss": nll / max(1, n_tokens), "val_bpb": nll / math.log(2) / max(1.0, n_bytes)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: a folder per step, written under a temporary name and renamed when complete.
+def _weights(model, dtype=None) -> dict:
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    if model.params.tie_word_embeddings:
+        state.pop("output.weight")  # the same tensor as tok_embeddings.weight
+    return state
+
+
+def save_model(model, folder, dtype=None, **info) -> Path:
+    """Weights (safetensors) and config.json (model args plus `info`) into `folder`,
+    atomically: written beside it under a temporary name, then renamed."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_weights(model, dtype), str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps({"model_args": model.params.to_dict(), **info},
+                                                indent=1, default=str))
+    _replace_dir(tmp, folder)
+    return folder
+
+
+def _replace_dir(tmp: Path, folder: Path) -> None:
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if folder.exists():
+        old = folder.with_name(f".old-{folder.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, folder)
+
+
+def load_model(folder, device=None, dtype=torch.float32) -> tuple[Transformer, dict]:
+    """A model saved by `save_model` (or a training checkpoint) and its config.json."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json: not a checkpoint folder")
+    info = json.loads((folder / "config.json").read_text())
+    model = Transformer(ModelArgs.from_dict(info["model_args"]))
+    state = {k: v.to(dtype) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    if model.params.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state)
+    return model.to(pick_device(device)), info
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    """The newest complete checkpoint under out_dir, or None."""
+    pointer = Path(out_dir) / "latest"
+    if not pointer.exists():
+        return None
+    return Path(out_dir) / pointer.read_text().strip()
+
+
+def load_pretrained(device=None, folder=None):
+    """The course's small model pretrained on the story corpus, and its tokenizer, from
+    assets/ (made by `make assets`): (model, tokenizer)."""
+    from .tokenizer import Tokenizer
+
+    folder = Path(folder or ASSETS / "story-model")
+    if not (folder / "model.safetensors").exists():
+        raise FileNotFoundError(f"no pretrained model in {folder}; run `make assets` to make it")
+    model, info = load_model(folder, device)
+    model.eval()
+    return model, Tokenizer.load(folder / info["tokenizer"])
+
+
+def read_metrics(path) -> list[dict]:
+    """metrics.jsonl as one dict per step (a step's training and evaluation rows merged)."""
+    rows: dict[int, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows.setdefault(row["step"], {}).update(row)
+    return [rows[k] for k in sorted(rows)]
+
+
+# ---------------------------------------------------------------------------------------------
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank), starting the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if world > 1:
+        return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+class Trainer:
+    """Trains `model` on `data`; `fit()` runs to cfg.steps, resuming from out_dir if a
+    checkpoint is there. History rows go to out_dir/metrics.jsonl for plotting."""
+
+    def __init__(self, model: Transformer, data: TokenData, cfg: TrainConfig, out_dir=None,
+                 tokenizer_path=None, device=None, resume: bool = True):
+        self.rank, self.world, local_rank = _distributed()
+        device = pick_device(device)
+        if device.type == "cuda" and self.world > 1:
+            device = torch.device("cuda", local_rank)
+        per_rank = cfg.batch_size // self.world
+        if cfg.batch_size % self.world or per_rank % cfg.grad_accum:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must split evenly over "
+                             f"{self.world} processes x grad_accum ({cfg.grad_accum})")
+        self.cfg, self.data, self.device = cfg, data, device
+        self.model = model.to(device).set_fast_attention(cfg.fast_attention)
+        self.model.train()
+        self.net = self.model
+        if self.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.tokenizer_path = str(tokenizer_path) if tokenizer_path else None
+        self.step, self.history, self.last_checkpoint = 0, [], None
+        self.tokens_seen, self.seconds = 0, 0.0
+        if self.out_dir and resume and latest_checkpoint(self.out_dir):
+            self.resume(latest_checkpoint(self.out_dir))
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Checkpoint folder step_NNNNNN: weights, config and the state to resume."""
+        if self.out_dir is None or self.rank != 0:
+            return None
+        folder = self.out_dir / f"step_{self.step:06d}"
+        tmp = folder.with_name(f".tmp-{folder.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(_weights(self.model), str(tmp / "model.safetensors"))
+        if os.environ.get("LLAMA3_MINI_SLOW_SAVE"):  # tests: a window to kill a save in
+            print(f"saving step {self.step}", flush=True)
+            time.sleep(float(os.environ["LLAMA3_MINI_SLOW_SAVE"]))
+        info = {"model_args": self.model.params.to_dict(), "train_config": asdict(self.cfg),
+                "step": self.step, "tokenizer": self.tokenizer_path,
+                "tokens_seen": self.tokens_seen, "seconds": self.seconds,
+                "metrics": self.history[-1] if self.history else {}}
+        (tmp / "config.json").write_text(json.dumps(info, indent=1))
+        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step,
+                    "torch_rng": torch.get_rng_state(), "tokens_seen": self.tokens_seen,
+                    "seconds": self.seconds, "data_position": {"seed": self.cfg.seed,
+                                                               "step": self.step}},
+                   tmp / "state.pt")
+        _replace_dir(tmp, folder)
+        pointer = self.out_dir / "latest.tmp"
+        pointer.write_text(folder.name)
+        os.replace(pointer, self.out_dir / "latest")
+        for old in sorted(self.out_dir.glob("step_*"))[:-self.cfg.keep]:
+            shutil.rmtree(old)
+        self.last_checkpoint = folder
+        return folder
+
+    def resume(self, folder) -> None:
+        """Continue from a checkpoint: weights, optimizer, RNG, step and metrics so far."""
+        folder = Path(folder)
+        model, _ = load_model(folder, "cpu")
+        self.model.load_state_dict(model.state_dict())
+        state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.seconds, self.last_checkpoint = state["seconds"], folder
+        for tmp in self.out_dir.glob(".tmp-*"):  # a save that was killed: never complete
+            shutil.rmtree(tmp, ignore_errors=True)
+        log = self.out_dir / "metrics.jsonl"
+        if log.exists():
+            self.history = [r for r in read_metrics(log) if r["step"] <= self.step]
+            if self.rank == 0:
+                log.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
+    # -- training -------------------------------------------------------------------------
+    def train_step(self) -> float:
+        """One optimizer step (grad_accum micro-batches); returns the mean loss (nats)."""
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = batch_at(self.data.train, self.step, cfg.batch_size, cfg.seq_len,
+                                   cfg.seed, self.rank, self.world)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        total = torch.zeros((), device=self.device)
+        micro = zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum), strict=True)
+        for i, (x, y) in enumerate(micro):
+            last = i == cfg.grad_accum - 1
+            sync = self.net.no_sync() if self.world > 1 and not last else _nothing()
+            with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits = self.net(x)  # (micro_batch, seq_len, vocab_size)
+                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+                (loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
+        loss = total.item()
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            where = self.last_checkpoint or "none saved yet"
+            raise FloatingPointError(f"loss is {loss} at step {self.step}; last good checkpoint: "
+                                     f"{where}. Lower the learning rate or turn bf16 off, "
+                                     "then resume from that checkpoint.")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += cfg.batch_size * cfg.seq_len
+        self._log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm.item()})
+        return loss
+
+    def evaluate(self) -> dict:
+        return evaluate_bpb(self.model, self.data.val_rows, self.data.token_bytes,
+                            bf16=self.cfg.bf16)
+
+    def _log(self, row: dict) -> None:
+        row = {**row, "tokens": self.tokens_seen, "seconds": round(self.seconds, 3)}
+        if self.history and self.history[-1]["step"] == row["step"]:
+            self.history[-1].update(row)
+        else:
+            self.history.append(row)
+        if self.out_dir is not None and self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def fit(self, progress: bool = True, callback=None) -> list[dict]:
+        """Train to cfg.steps (or cfg.max_minutes), evaluating and saving on schedule.
+        callback(trainer) runs after every step (a live plot, say)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training",
+                   disable=not progress or self.rank != 0)
+        start = time.perf_counter() - self.seconds
+        while self.step < cfg.steps:
+            loss = self.train_step()
+            self.seconds = time.perf_counter() - start
+            out_of_time = cfg.max_minutes is not None and self.seconds > cfg.max_minutes * 60
+            if self.world > 1:  # every process must agree to stop
+                flag = torch.tensor(float(out_of_time), device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                out_of_time = bool(flag.item())
+            done = self.step == cfg.steps or out_of_time
+            if done or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                self._log({"step": self.step, **self.evaluate()})
+                start = time.perf_counter() - self.seconds  # evaluation is not training time
+            if self.out_dir and (done or (cfg.save_every and self.step % cfg.save_every == 0)):
+                self.save()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if callback is not None:
+                callback(self)
+            if out_of_time:
+                break
+        bar.close()
+        return self.history
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,219 @@
+"""The trainer: schedule against torch's schedulers, AdamW groups, bits per byte against the
+closed form, checkpoints, resume after SIGKILL (mid-run and mid-save), torchrun against one
+process, and the NaN stop."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_data import ByteTokenizer
+
+from llama3_mini.config import get_preset
+from llama3_mini.data import TokenData, pack_documents, story_data
+from llama3_mini.model import Transformer
+from llama3_mini.train import (
+    TrainConfig,
+    Trainer,
+    evaluate_bpb,
+    latest_checkpoint,
+    load_model,
+    lr_at,
+    make_optimizer,
+    read_metrics,
+    save_model,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = get_preset("tiny").replace(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258,
+                                  multiple_of=16, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return story_data(ByteTokenizer(), n_stories=60, seq_len=32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 20), st.integers(2, 80), st.floats(1e-4, 1.0), st.floats(0.0, 0.5))
+def test_schedule_matches_torch_warmup_then_cosine(warmup, decay, max_lr, min_frac):
+    total, min_lr = warmup + decay + 1, max_lr * min_frac
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=max_lr)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, 1 / warmup, 1.0, total_iters=max(1, warmup - 1)),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=decay, eta_min=min_lr)],
+        milestones=[warmup])
+    for step in range(total):
+        assert lr_at(step, max_lr, warmup, total, min_lr) == pytest.approx(
+            opt.param_groups[0]["lr"], rel=1e-6, abs=1e-12), step
+        opt.step()
+        sched.step()
+    assert lr_at(total + 5, max_lr, warmup, total, min_lr) == pytest.approx(min_lr)
+
+
+def test_weight_decay_on_matrices_only():
+    model = Transformer(ARGS)
+    decayed, plain = make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert {names[id(p)] for p in plain["params"]} == {
+        n for n, _ in model.named_parameters() if n.endswith("norm.weight")}
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_per_byte():
+    model = Transformer(ARGS)
+    torch.nn.init.zeros_(model.output.weight)  # every logit 0: each token costs log2(258)
+    tok = ByteTokenizer()
+    docs = [torch.tensor(tok.encode(t, bos=True, eos=True)).numpy() for t in ["héllo", "ab c"]]
+    rows = pack_documents(docs, 16)
+    from llama3_mini.data import token_bytes
+    got = evaluate_bpb(model, rows, token_bytes(tok))
+    predicted = (rows[:, 1:] >= 0).sum().item()  # all tokens but the first BOS
+    n_bytes = len("héllo".encode()) + len("ab c")
+    assert got["val_bpb"] == pytest.approx(predicted * math.log2(258) / n_bytes, rel=1e-5)
+
+
+def test_training_lowers_the_loss_and_accumulation_matches_one_batch(stories):
+    losses = {}
+    for accum in (1, 2):
+        torch.manual_seed(0)
+        cfg = TrainConfig(steps=6, batch_size=4, grad_accum=accum, seq_len=32, warmup_steps=2,
+                          lr=1e-2, eval_every=0)
+        losses[accum] = [r["loss"] for r in Trainer(Transformer(ARGS), stories, cfg,
+                                                     device="cpu").fit(progress=False)]
+    assert losses[1][-1] < losses[1][0]
+    assert losses[1] == pytest.approx(losses[2], rel=1e-4)
+
+
+def test_bf16_autocast_trains_close_to_float32(stories):
+    out = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        cfg = TrainConfig(steps=3, batch_size=4, seq_len=32, bf16=bf16, eval_every=0)
+        out[bf16] = Trainer(Transformer(ARGS), stories, cfg).fit(progress=False)
+    assert out[True][0]["loss"] == pytest.approx(out[False][0]["loss"], rel=2e-2)
+    assert math.isfinite(out[True][-1]["val_bpb"])
+
+
+def test_save_and_load_model_round_trip(tmp_path):
+    for tied in (False, True):
+        model = Transformer(ARGS.replace(tie_word_embeddings=tied))
+        save_model(model, tmp_path / f"m{tied}", tokenizer="tok.tiktoken")
+        loaded, info = load_model(tmp_path / f"m{tied}", device="cpu")
+        x = torch.randint(0, 258, (2, 10))
+        torch.testing.assert_close(loaded(x), model(x))
+        assert info["tokenizer"] == "tok.tiktoken"
+    save_model(model, tmp_path / "half", dtype=torch.bfloat16)
+    assert (tmp_path / "half/model.safetensors").stat().st_size < \
+        0.6 * (tmp_path / "mTrue/model.safetensors").stat().st_size
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        load_model(tmp_path)
+
+
+def test_nan_loss_stops_with_the_step_and_last_good_checkpoint(stories, tmp_path):
+    cfg = TrainConfig(steps=10, batch_size=4, seq_len=32, eval_every=0, save_every=2)
+    trainer = Trainer(Transformer(ARGS), stories, cfg, out_dir=tmp_path)
+    trainer.cfg.steps = 2
+    trainer.fit(progress=False)
+    with torch.no_grad():
+        trainer.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 2; last good checkpoint: "
+                       r".*step_000002"):
+        trainer.train_step()
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {root!r})
+    from tests.test_data import ByteTokenizer
+    from llama3_mini.config import get_preset
+    from llama3_mini.data import story_data
+    from llama3_mini.model import Transformer
+    from llama3_mini.train import Trainer, TrainConfig
+    torch.manual_seed(0)
+    args = get_preset("tiny").replace(dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                      vocab_size=258, multiple_of=16, max_seq_len=64)
+    data = story_data(ByteTokenizer(), n_stories=60, seq_len=32)
+    cfg = TrainConfig(steps=12, batch_size=4, seq_len=32, warmup_steps=3, lr=1e-2,
+                      eval_every=0, save_every=2)
+    trainer = Trainer(Transformer(args), data, cfg, out_dir=sys.argv[1], device="cpu")
+    trainer.fit(progress=False,
+                callback=lambda t: print("step", t.step, t.history[-1]["loss"], flush=True))
+    if trainer.rank == 0:
+        with open(sys.argv[1] + "/losses.json", "w") as f:
+            json.dump([r["loss"] for r in trainer.history], f)
+""")
+
+
+def _script(tmp_path):
+    path = tmp_path / "train_script.py"
+    path.write_text(SCRIPT.format(root=str(ROOT)))
+    return path
+
+
+def _run_until(cmd, marker, env=None):
+    """Start cmd, read its output until a line starts with `marker`, then SIGKILL it."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(marker):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+
+
+def _complete(folder):
+    return {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json", "state.pt"}
+
+
+def test_sigkill_mid_run_and_mid_save_then_resume_gives_the_same_losses(tmp_path):
+    script = _script(tmp_path)
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    subprocess.run([sys.executable, script, full], check=True, capture_output=True)
+    reference = json.loads((full / "losses.json").read_text())
+    # killed in the middle of saving step 6: weights written, config and state not yet
+    _run_until([sys.executable, script, broken], "saving step 6",
+               env={"LLAMA3_MINI_SLOW_SAVE": "30"})
+    assert latest_checkpoint(broken).name == "step_000004"
+    assert not (broken / "step_000006").exists() and (broken / ".tmp-step_000006").exists()
+    assert all(_complete(f) for f in broken.glob("step_*"))
+    # resumed, then killed again between checkpoints, after step 9
+    _run_until([sys.executable, script, broken], "step 9 ")
+    assert latest_checkpoint(broken).name == "step_000008"
+    assert not list(broken.glob(".tmp-*"))
+    assert all(_complete(f) for f in broken.glob("step_*"))
+    subprocess.run([sys.executable, script, broken], check=True, capture_output=True)
+    resumed = [r["loss"] for r in read_metrics(broken / "metrics.jsonl")]
+    assert resumed == pytest.approx(reference, rel=1e-6, abs=0)
+    assert json.loads((broken / "losses.json").read_text()) == pytest.approx(reference, rel=1e-6)
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    script = _script(tmp_path)
+    subprocess.run([sys.executable, script, tmp_path / "one"], check=True, capture_output=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", script, tmp_path / "two"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    one = json.loads((tmp_path / "one/losses.json").read_text())
+    assert json.loads((tmp_path / "two/losses.json").read_text()) == pytest.approx(one, rel=1e-4)
+
+
+def test_trainer_rejects_a_batch_that_does_not_split(stories):
+    with pytest.raises(ValueError, match=r"batch_size \(6\) must split evenly over 1 processes x "
+                       r"grad_accum \(4\)"):
+        Trainer(Transformer(ARGS), stories, TrainConfig(batch_size=6, grad_accum=4))
+    assert isinstance(stories, TokenData)
