@@ -176,3 +176,53 @@ def check_count_pairs(fn) -> bool:
 
     return run_checks("count_pairs", fn, lambda ids: count_pairs(ids),
                       [(ids,) for ids, _, _ in _merge_cases()])
+
+
+# --- Chapter 02: rotary position embeddings ------------------------------------------------
+
+def _rope_reference(x, position, theta):
+    from .rope import apply_rotary_emb, precompute_freqs_cis
+
+    head_dim = x.shape[-1]
+    freqs_cis = precompute_freqs_cis(head_dim, position + 1, theta)[position: position + 1]
+    rotated, _ = apply_rotary_emb(x[None, None, None], x[None, None, None], freqs_cis)
+    return rotated[0, 0, 0]  # (head_dim,)
+
+
+def check_rope_rotate(fn) -> bool:
+    """fn(x, position, theta) -> x rotated as RoPE does at `position`: x is (head_dim,), its
+    adjacent pairs (x[2i], x[2i+1]) each turned by position * theta ** (-2i / head_dim)."""
+    generator = torch.Generator().manual_seed(2)
+    cases = [(torch.tensor([1.0, 0.0]), 1, 10000.0), (torch.tensor([1.0, 0.0, 0.0, 1.0]), 3, 100.0)]
+    for head_dim, position, theta in ((8, 0, 10000.0), (8, 5, 10000.0), (16, 17, 500000.0),
+                                      (64, 1000, 500000.0), (128, 4095, 500000.0)):
+        cases.append((torch.randn(head_dim, generator=generator), position, theta))
+    return run_checks("rope_rotate", fn, _rope_reference, cases,
+                      compare=lambda got, exp: same(got, exp, atol=1e-3))
+
+
+# --- Chapter 03: grouped-query attention ---------------------------------------------------
+
+def _gqa_reference(q, k, v):
+    from .model import attention, causal_mask, repeat_kv
+
+    n_rep = q.shape[1] // k.shape[1]
+    keys = repeat_kv(k.transpose(1, 2), n_rep).transpose(1, 2)  # (batch, n_heads, seq, hd)
+    values = repeat_kv(v.transpose(1, 2), n_rep).transpose(1, 2)
+    return attention(q, keys, values, causal_mask(q.shape[2]))[0]
+
+
+def check_gqa_attention(fn) -> bool:
+    """fn(q, k, v) -> causal grouped-query attention output (batch, n_heads, seq, head_dim).
+    q: (batch, n_heads, seq, head_dim); k, v: (batch, n_kv_heads, seq, head_dim); query head
+    h uses KV head h // (n_heads // n_kv_heads)."""
+    generator = torch.Generator().manual_seed(3)
+    cases = []
+    for batch, n_heads, n_kv_heads, seq, head_dim in ((1, 1, 1, 1, 2), (1, 2, 1, 3, 4),
+                                                      (2, 4, 2, 5, 8), (1, 8, 2, 7, 16),
+                                                      (2, 6, 3, 4, 8), (1, 4, 4, 6, 8)):
+        q = torch.randn(batch, n_heads, seq, head_dim, generator=generator)
+        k = torch.randn(batch, n_kv_heads, seq, head_dim, generator=generator)
+        v = torch.randn(batch, n_kv_heads, seq, head_dim, generator=generator)
+        cases.append((q, k, v))
+    return run_checks("gqa_attention", fn, _gqa_reference, cases)
