@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -42,11 +43,13 @@ def safe_torch_load(file, mmap: bool = True) -> dict:
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+        why = next((line for line in lines if "Unsupported global" in line),
+                   next((line for line in lines if line), type(e).__name__))
         raise UnsafeCheckpointError(
             f"refused to load {file}: it is a pickle that asks to run code or build objects "
-            f"other than tensors, so it was not unpickled ({first}). Load weights only from "
-            "sources you trust, and prefer safetensors files, which cannot carry code.") from None
+            f"other than tensors, so it was not unpickled ({why.split('. ')[0]}). Load weights "
+            "only from sources you trust; prefer safetensors, which cannot carry code.") from None
 
 
 # ----- Meta's format ---------------------------------------------------------------------------

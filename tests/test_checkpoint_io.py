@@ -235,3 +235,20 @@ def test_merge_shards_checker_accepts_the_reference_and_rejects_plausible_mistak
         assert not check_merge_shards(fn)
         out = capsys.readouterr().out
         assert "✗ merge_shards(<2 shard(s)" in out and name in out, out
+
+
+@pytest.mark.parametrize("files", [("tokenizer.model",), ("original/tokenizer.model",),
+                                   ("tokenizer.json",)])
+def test_from_pretrained_reads_the_folders_tokenizer(tmp_path, files):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    random_hf(tied=True).save_pretrained(tmp_path)
+    for name in files:
+        source = meta_tokenizer_file().with_suffix(Path(name).suffix)
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(source.read_bytes())
+    tok = hub.Llama.from_pretrained(tmp_path, device="cpu").tokenizer
+    reference = HFTokenizer.from_file(str(meta_tokenizer_file().with_suffix(".json")))
+    text = "Llama 3 reads 128K tokens: naïve café, 東京, emoji 🦙 and code `x += 1`\n\n  done."
+    assert tok.encode(text) == reference.encode(text, add_special_tokens=False).ids
+    assert tok.eot_id == reference.token_to_id("<|eot_id|>") == 128009
