@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: setup browser lab test test-fast notebooks bench lint clean
+.PHONY: setup browser lab test test-fast notebooks student site bench lint clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,14 @@ notebooks: $(STAMP)
 	for nb in notebooks/*.ipynb; do \
 	  PYTHONHASHSEED=0 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; \
 	done
+
+# Student copies in student/: every exercise's solution replaced by a stub to fill in.
+student: $(STAMP)
+	$(PY) tools/student.py notebooks student
+
+# The course as static HTML pages in site/ (open site/index.html): no internet needed.
+site: $(STAMP)
+	$(PY) tools/site.py notebooks site
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) "$$b" || exit 1; done

@@ -1,0 +1,187 @@
+"""Student copies of the course: every exercise's solution replaced by a stub.
+
+    python tools/student.py [notebooks/] [student/]      (or: make student)
+
+A solution cell is a code cell tagged `solution` (its source collapsed in JupyterLab by
+`"jupyter": {"source_hidden": true}`). In the copy it keeps each function's name,
+signature and docstring, and its body becomes `raise NotImplementedError("your turn")`;
+imports stay, everything else in the cell goes. The solution cell's own outputs are
+cleared; every other cell, check cells included, is copied as it is, outputs and all.
+
+`exercise_problems(nb)` lists what a notebook lacks for this to work (no solution cell,
+a solution not collapsed, no check cell); `main` names each such notebook on stderr, since
+its copy may give a solution away or have nothing to check, and writes the copies anyway."""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import nbformat
+
+SOLUTION_TAG = "solution"
+STUB_TAG = "exercise"  # the stub's tag in the student copy
+STUB_ERROR = 'raise NotImplementedError("your turn")'
+STUB_NOTE = "# Your turn: replace each `raise NotImplementedError` with your code."
+CHECK_CALL = re.compile(r"\bcheck_\w+\s*\(")
+
+
+def tags(cell) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def is_solution(cell) -> bool:
+    return cell.cell_type == "code" and SOLUTION_TAG in tags(cell)
+
+
+def is_check(cell) -> bool:
+    """A check cell calls a checker from llama3_mini.exercises (`check_...(`)."""
+    return cell.cell_type == "code" and not is_solution(cell) and bool(
+        CHECK_CALL.search(cell.source))
+
+
+def is_collapsed(cell) -> bool:
+    return bool(cell.get("metadata", {}).get("jupyter", {}).get("source_hidden"))
+
+
+def checkers_called(nb) -> list[str]:
+    """The names of the checkers the notebook's check cells call, in order."""
+    return [m.group(0).rstrip("( ").strip() for cell in nb.cells if is_check(cell)
+            for m in CHECK_CALL.finditer(cell.source)]
+
+
+def exercise_problems(nb) -> list[str]:
+    """What the notebook lacks for a self-checking exercise; empty when it has it all."""
+    problems = []
+    solutions = [i for i, cell in enumerate(nb.cells) if is_solution(cell)]
+    checks = [i for i, cell in enumerate(nb.cells) if is_check(cell)]
+    if not solutions:
+        problems.append(f"no solution cell (a code cell tagged '{SOLUTION_TAG}')")
+    if not checks:
+        problems.append("no check cell (a code cell calling a check_...() from "
+                        "llama3_mini.exercises)")
+    for i in solutions:
+        if not is_collapsed(nb.cells[i]):
+            problems.append(f"solution cell {i} is not collapsed (add metadata "
+                            '"jupyter": {"source_hidden": true})')
+        if not any(j > i for j in checks):
+            problems.append(f"solution cell {i} has no check cell after it")
+    return problems
+
+
+def _stub_function(node: ast.FunctionDef | ast.AsyncFunctionDef):
+    stub = copy.copy(node)
+    docstring = ast.get_docstring(node, clean=False) is not None
+    stub.body = node.body[:1] if docstring else []
+    stub.body = stub.body + ast.parse(STUB_ERROR).body
+    return stub
+
+
+def _stub_class(node: ast.ClassDef) -> ast.ClassDef:
+    stub = copy.copy(node)
+    body = node.body[:1] if ast.get_docstring(node, clean=False) is not None else []
+    body += [_stub_function(item) for item in node.body
+             if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    stub.body = body or [ast.Pass()]
+    return stub
+
+
+def stub_source(source: str) -> str:
+    """The student's version of a solution cell's source.
+
+    Functions and classes keep their names, signatures, decorators and docstrings, with
+    bodies that raise NotImplementedError("your turn"); imports are kept; any other
+    statement (an assignment, a call) is dropped, named in a comment, and the cell ends
+    by raising, so running it says whose turn it is."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # cell magics and the like: nothing to keep
+        return f"{STUB_NOTE}\n{STUB_ERROR}\n"
+    parts, dropped = [], []
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            parts.append(ast.unparse(node))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            parts.append(ast.unparse(_stub_function(node)))
+        elif isinstance(node, ast.ClassDef):
+            parts.append(ast.unparse(_stub_class(node)))
+        else:
+            dropped += [ast.unparse(t) for t in _targets(node)] or ["the rest of the cell"]
+    if dropped:
+        names = ", ".join(dict.fromkeys(dropped))
+        parts.append(f"# Your turn: set {names}\n{STUB_ERROR}")
+    text = STUB_NOTE + "\n" + "\n\n\n".join(parts) + "\n"
+    return text.replace("raise NotImplementedError('your turn')", STUB_ERROR)
+
+
+def _targets(node: ast.stmt) -> list[ast.expr]:
+    if isinstance(node, ast.Assign):
+        return node.targets
+    if isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+        return [node.target]
+    return []
+
+
+def student_notebook(nb):
+    """A copy of nb with every solution cell replaced by its stub (outputs cleared)."""
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        if not is_solution(cell):
+            continue
+        cell.source = stub_source(cell.source)
+        cell.outputs, cell.execution_count = [], None
+        meta = cell.metadata
+        meta.pop("execution", None)
+        meta.get("jupyter", {}).pop("source_hidden", None)
+        if "jupyter" in meta and not meta["jupyter"]:
+            del meta["jupyter"]
+        meta["tags"] = [STUB_TAG if t == SOLUTION_TAG else t for t in tags(cell)]
+    return nb
+
+
+def notebooks_in(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).glob("*.ipynb") if not p.name.startswith("."))
+
+
+def write_student(src: Path, dst: Path) -> list[Path]:
+    """Write the student copy of every notebook in src (and its other files) to dst."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in sorted(src.iterdir()):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        if path.suffix == ".ipynb":
+            nb = student_notebook(nbformat.read(path, as_version=4))
+            nbformat.validate(nb)
+            nbformat.write(nb, dst / path.name)
+            written.append(dst / path.name)
+        else:  # data files next to the notebooks travel with them
+            shutil.copy2(path, dst / path.name)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", nargs="?", default="notebooks", type=Path)
+    parser.add_argument("dst", nargs="?", default="student", type=Path)
+    opts = parser.parse_args(argv)
+    paths = notebooks_in(opts.src)
+    if not paths:
+        print(f"no notebooks in {opts.src}: give the course's notebooks folder", file=sys.stderr)
+        return 1
+    bad = {p.name: exercise_problems(nbformat.read(p, as_version=4)) for p in paths}
+    bad = {name: problems for name, problems in bad.items() if problems}
+    for name, problems in bad.items():
+        print(f"warning: {name}: " + "; ".join(problems), file=sys.stderr)
+    written = write_student(opts.src, opts.dst)
+    print(f"wrote {len(written)} student notebooks to {opts.dst}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
