@@ -1,0 +1,235 @@
+"""The `llama3-mini` command: train-tokenizer, train, generate, info.
+
+    llama3-mini train-tokenizer --out runs/tok.tiktoken      # BPE on the story corpus
+    llama3-mini train --out-dir runs/story --steps 300       # a model on the stories
+    llama3-mini generate --checkpoint runs/story --prompt "Once upon a time"
+    llama3-mini info --seq-len 8192                          # presets, params, KV cache
+    torchrun --nproc_per_node=8 -m llama3_mini.cli train ... # the same on 8 GPUs"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+STORY_VOCAB = 960  # BPE ranks: the story corpus has no pair left to merge beyond ~964
+
+
+def _corpus(args) -> tuple[list[str], object]:
+    """(documents, stories or None) for --corpus: stories, stdlib, or a file/folder path."""
+    from . import data
+
+    if args.corpus == "stories":
+        stories = data.make_stories(args.n_stories, args.seed)
+        return [s.text for s in stories], stories
+    if args.corpus == "stdlib":
+        return data.python_stdlib_corpus(args.max_files), None
+    errors = "replace" if args.replace_bad_bytes else "strict"
+    return data.read_text_corpus(args.corpus, errors=errors, max_files=args.max_files), None
+
+
+def _add_corpus_args(p) -> None:
+    p.add_argument("--corpus", default="stories",
+                   help="'stories' (the synthetic grammar, default), 'stdlib' (Python's own "
+                        "source) or a UTF-8 text file or folder")
+    p.add_argument("--n-stories", type=int, default=4000, help="stories to generate")
+    p.add_argument("--max-files", type=int, default=None, help="at most this many files")
+    p.add_argument("--replace-bad-bytes", action="store_true",
+                   help="replace invalid UTF-8 with U+FFFD instead of stopping")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stories and the weights")
+
+
+def _train_tokenizer(docs, vocab_size, out, progress=True):
+    from .tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train("\n".join(docs), vocab_size, progress=progress)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    return tokenizer
+
+
+def cmd_train_tokenizer(args) -> None:
+    docs, _ = _corpus(args)
+    vocab = args.vocab_size or (STORY_VOCAB if args.corpus == "stories" else 1024)
+    tok = _train_tokenizer(docs, vocab, args.out, not args.quiet)
+    n_bytes = sum(len(d.encode()) for d in docs[:200])
+    n_tokens = sum(len(tok.encode(d)) for d in docs[:200])
+    print(f"{tok!r} saved to {args.out}; {n_bytes / n_tokens:.2f} bytes per token")
+
+
+def cmd_train(args) -> None:
+    import torch
+
+    from .config import get_preset
+    from .data import entropy_bits_per_byte, prepare_data, split_documents
+    from .model import Transformer
+    from .tokenizer import Tokenizer
+    from .train import TrainConfig, Trainer
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    docs, stories = _corpus(args)
+    if args.tokenizer:
+        tok_path = Path(args.tokenizer)
+        if not tok_path.exists():
+            raise SystemExit(f"error: tokenizer file {tok_path} not found; make one with "
+                             "`llama3-mini train-tokenizer --out PATH` or leave --tokenizer out")
+        tokenizer = Tokenizer.load(tok_path)
+    else:
+        tok_path = out_dir / "tokenizer.tiktoken"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not tok_path.exists():
+            raise SystemExit("error: under torchrun, train the tokenizer first (`llama3-mini "
+                             "train-tokenizer --out PATH`) and pass --tokenizer PATH")
+        tokenizer = (Tokenizer.load(tok_path) if tok_path.exists() else _train_tokenizer(
+            docs[:2000], STORY_VOCAB if stories else 1024, tok_path, not args.quiet))
+    floor = None
+    if stories is not None:
+        floor = entropy_bits_per_byte(split_documents(stories, args.val_fraction)[1])
+    token_file = out_dir / f"train.rank{os.environ.get('RANK', '0')}.bin"
+    data = prepare_data(docs, tokenizer, args.seq_len, args.val_fraction, token_file=token_file,
+                        floor=floor, progress=not args.quiet)
+    changes = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads")
+               if getattr(args, k) is not None}
+    margs = get_preset(args.preset).replace(vocab_size=tokenizer.n_words, **changes)
+    margs = margs.replace(max_seq_len=max(margs.max_seq_len, args.seq_len))
+    torch.manual_seed(args.seed)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                      seq_len=args.seq_len, lr=args.lr, min_lr=args.lr / 10,
+                      warmup_steps=min(args.warmup_steps, args.steps), grad_clip=args.grad_clip,
+                      eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+                      bf16=args.bf16, max_minutes=args.max_minutes,
+                      fast_attention=not args.explicit_attention)
+    trainer = Trainer(Transformer(margs), data, cfg, out_dir=out_dir,
+                      tokenizer_path=tok_path.resolve(), device=args.device)
+    if trainer.rank == 0 and trainer.step:
+        print(f"resuming from {trainer.last_checkpoint} (step {trainer.step})")
+    history = trainer.fit(progress=not args.quiet)
+    if trainer.rank == 0:
+        last = history[-1]
+        floor_text = f" (floor {floor:.4f})" if floor is not None else ""
+        print(f"step {last['step']}: loss {last['loss']:.4f}, validation "
+              f"{last.get('val_bpb', float('nan')):.4f} bits per byte{floor_text}; "
+              f"checkpoint {trainer.last_checkpoint}")
+
+
+def _load(args):
+    from .tokenizer import Tokenizer
+    from .train import latest_checkpoint, load_model, load_pretrained
+
+    if args.checkpoint is None:
+        return load_pretrained(device=args.device)
+    folder = Path(args.checkpoint)
+    if (folder / "latest").exists():  # a training run's folder: its newest checkpoint
+        folder = latest_checkpoint(folder)
+    model, info = load_model(folder, device=args.device)
+    tok_path = Path(info.get("tokenizer") or "")
+    if not tok_path.is_absolute():
+        tok_path = folder / tok_path
+    if not tok_path.is_file():
+        raise SystemExit(f"error: the checkpoint's tokenizer {tok_path} is missing")
+    return model.eval(), Tokenizer.load(tok_path)
+
+
+def cmd_generate(args) -> None:
+    from .data import is_grammatical
+    from .generate import generate
+
+    model, tokenizer = _load(args)
+    prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)
+    outs = generate(model, [prompt] * args.num_samples, args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed, stop_tokens=[tokenizer.eos_id], truncate=True)
+    for i, new in enumerate(outs):
+        text = args.prompt + tokenizer.decode(new)
+        mark = " [grammatical]" if args.check and is_grammatical(text) else ""
+        print(f"--- sample {i + 1}{mark}\n{text}")
+
+
+def cmd_info(args) -> None:
+    from .config import PRESETS, GiB, get_preset, kv_cache_bytes, num_params, weight_bytes
+
+    names = [args.preset] if args.preset else list(PRESETS)
+    print(f"{'preset':<14}{'params':>16}{'weights ' + args.dtype:>18}"
+          f"{'KV cache @ ' + str(args.seq_len):>20}")
+    for name in names:
+        a = get_preset(name)
+        print(f"{name:<14}{num_params(a):>16,}{weight_bytes(a, args.dtype) / GiB:>14.3f} GiB"
+              f"{kv_cache_bytes(a, args.seq_len, args.batch_size, args.dtype) / GiB:>16.3f} GiB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama3-mini", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer")
+    _add_corpus_args(p)
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help=f"BPE ranks (default {STORY_VOCAB} for stories, else 1024)")
+    p.add_argument("--out", default="runs/tokenizer.tiktoken", help="the tokenizer file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("train", help="train a model (resumes if --out-dir has a checkpoint)")
+    _add_corpus_args(p)
+    p.add_argument("--out-dir", default="runs/story", help="checkpoints and metrics.jsonl")
+    p.add_argument("--tokenizer", default=None,
+                   help="a tokenizer file (default: train one into --out-dir)")
+    p.add_argument("--preset", default="tiny", help="model preset (see `llama3-mini info`)")
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help=f"override the preset's {name}")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per step, all processes")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=30)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--explicit-attention", action="store_true",
+                   help="the written-out attention instead of scaled_dot_product_attention")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best there is)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint or training folder (default: the pretrained asset)")
+    p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", action="store_true", help="mark grammatical stories")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="presets: parameters, weight and KV-cache memory")
+    p.add_argument("--preset", default=None, help="one preset (default: all)")
+    p.add_argument("--seq-len", type=int, default=8192, help="tokens in the KV cache")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
