@@ -226,3 +226,47 @@ def check_gqa_attention(fn) -> bool:
         v = torch.randn(batch, n_kv_heads, seq, head_dim, generator=generator)
         cases.append((q, k, v))
     return run_checks("gqa_attention", fn, _gqa_reference, cases)
+
+
+# --- Chapter 06: the learning-rate schedule ------------------------------------------------
+
+def _lr_cases():
+    cases = []
+    for warmup, total, max_lr, min_lr in [(10, 100, 3e-3, 3e-4), (1, 20, 1.0, 0.0),
+                                          (5, 6, 0.5, 0.1), (30, 600, 2e-3, 2e-4)]:
+        for step in sorted({0, 1, warmup - 1, warmup, warmup + 1, (warmup + total) // 2,
+                            total - 2, total - 1, total + 3}):
+            if step >= 0:
+                cases.append((step, max_lr, warmup, total, min_lr))
+    return cases
+
+
+def check_lr_schedule(fn) -> bool:
+    """fn(step, max_lr, warmup_steps, total_steps, min_lr) -> learning rate: linear warm-up
+    to max_lr at step warmup_steps - 1, then a half cosine down to min_lr at total_steps - 1,
+    min_lr after. Compared with llama3_mini.train.lr_at."""
+    from .train import lr_at
+
+    return run_checks("lr_schedule", fn, lr_at, _lr_cases(), compare=lambda g, e: same(
+        float(g), e, atol=1e-9))
+
+
+# --- Chapter 05: generation, the top-p (nucleus) filter ------------------------------------
+
+def check_top_p(fn) -> bool:
+    """fn(logits, p) -> the logits with -inf outside the nucleus: the most probable tokens
+    whose probabilities, summed from the largest down, first reach p (at least one token is
+    always kept). logits: (vocab,) or (batch, vocab); the kept logits are unchanged."""
+    from .generate import top_p_filter
+
+    generator = torch.Generator().manual_seed(5)
+    cases = [(torch.tensor([2.0, 1.0, 0.0, -1.0]), 0.5),  # the top token alone is 0.64
+             (torch.tensor([2.0, 1.0, 0.0, -1.0]), 0.8),  # needs the second one to reach 0.8
+             (torch.tensor([0.0, 3.0, 1.0, 2.0]), 0.9),  # not sorted: order must come back
+             (torch.tensor([1.0, 1.0, 1.0, 1.0]), 0.6),  # uniform: 3 tokens reach 0.75
+             (torch.tensor([5.0, -5.0, 0.0]), 0.001),  # tiny p: greedy
+             (torch.tensor([0.3, -0.2, 0.1]), 1.0)]  # p = 1 keeps everything
+    for vocab, p in ((10, 0.3), (50, 0.9), (100, 0.95)):
+        cases.append((torch.randn(vocab, generator=generator) * 2, p))
+    cases.append((torch.randn(3, 20, generator=generator) * 2, 0.7))  # a batch: row by row
+    return run_checks("top_p", fn, top_p_filter, cases)

@@ -217,3 +217,27 @@ def test_trainer_rejects_a_batch_that_does_not_split(stories):
                        r"grad_accum \(4\)"):
         Trainer(Transformer(ARGS), stories, TrainConfig(batch_size=6, grad_accum=4))
     assert isinstance(stories, TokenData)
+
+
+def test_lr_schedule_checker_accepts_the_reference_and_names_wrong_cases(capsys):
+    from llama3_mini.exercises import check_lr_schedule
+
+    assert check_lr_schedule(lr_at)
+    assert "right on all" in capsys.readouterr().out
+
+    def warmup_from_zero(step, max_lr, warmup, total, min_lr):
+        return max_lr * step / warmup if step < warmup else lr_at(step, max_lr, warmup, total,
+                                                                   min_lr)
+
+    def cosine_to_zero(step, max_lr, warmup, total, min_lr):
+        return lr_at(step, max_lr, warmup, total, 0.0)
+
+    def decays_one_step_late(step, max_lr, warmup, total, min_lr):
+        return lr_at(step, max_lr, warmup, total + 1, min_lr)
+
+    for wrong, case in [(warmup_from_zero, "lr_schedule(0, 0.003, 10, 100, 0.0003)"),
+                        (cosine_to_zero, "lr_schedule(11, 0.003, 10, 100, 0.0003)"),
+                        (decays_one_step_late, "lr_schedule(11, 0.003, 10, 100, 0.0003)")]:
+        assert not check_lr_schedule(wrong)
+        out = capsys.readouterr().out
+        assert f"✗ {case}" in out and "expected" in out, out
