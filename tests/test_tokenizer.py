@@ -11,7 +11,6 @@ import warnings
 from itertools import pairwise
 
 import pytest
-import regex
 import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -120,11 +119,13 @@ def test_the_same_layout_follows_a_vocabulary_we_train(ours):
     assert len(set(special_tokens_for(5))) == NUM_SPECIAL_TOKENS
 
 
-def test_long_run_class_is_exactly_str_isspace():
+def test_long_runs_are_found_with_python_s_isspace():
+    """Meta cuts runs by str.isspace(); _chunks finds them with the standard re's \\s."""
     everything = "".join(map(chr, range(sys.maxunicode + 1)))
-    from llama3_mini.tokenizer import _SPACE
-    ours = set(regex.findall(f"[{_SPACE}]", everything))
-    assert ours == {c for c in everything if c.isspace()}
+    assert set(re.findall(r"\s", everything)) == {c for c in everything if c.isspace()}
+    for c in {c for c in everything if c.isspace()}:  # each space char, in a long run
+        s = "x" + c * (MAX_RUN_CHARS + 2) + "y"
+        assert list(_chunks(s)) == list(_meta_chunks(s))
 
 
 # --- Meta's golden values, and parity with tiktoken and Hugging Face -----------------------
@@ -200,7 +201,7 @@ def _meta_chunks(s: str):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["a", " ", "\u3000", "\x1c", "é", "\n"]),
+@given(st.lists(st.tuples(st.sampled_from(["a", " ", "\u3000", "\x1c", "é", "\n", "ab", "a "]),
                           st.integers(1, 60_000)), max_size=6))
 def test_long_runs_are_cut_as_meta_cuts_them(runs):
     s = "".join(c * n for c, n in runs)
