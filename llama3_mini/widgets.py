@@ -302,3 +302,72 @@ def kv_cache_calculator(preset: str = "llama3-8b", context: int = 8192, batch: i
                     f"per token) · <b>weights</b> {weights / GiB:,.2f} GiB")
 
     return Explorer("KV-cache calculator", controls, update)
+
+
+# ------------------------------------------------------------------ chapter 05: cache growth
+def cache_growth_widget(model, prompt_ids, max_new_tokens: int = 32, tokenizer=None,
+                        layer: int = 0, device=None, **sampling) -> Explorer:
+    """Watch a KV cache fill as `model` generates from `prompt_ids`, one token per step.
+
+    The generation runs once, up front, into a preallocated cache (`make_cache`); the
+    slider (or its play button) then shows step t: left, the keys of `layer` stored at each
+    position (blank rows are allocated but not yet written); right, the bytes written so far
+    against the bytes allocated. After step t >= 1 the cache holds the prompt and the first
+    t - 1 new tokens: the newest token enters it at the next step. `sampling` takes
+    `generate`'s options (temperature, top_k, top_p, seed, stop_tokens)."""
+    from html import escape
+
+    from .generate import generate_steps  # widgets sit on top: import at call time
+    from .kv_cache import make_cache
+
+    prompt_ids = [int(t) for t in prompt_ids]
+    plen, total = len(prompt_ids), len(prompt_ids) + max_new_tokens
+    if not 0 <= layer < model.params.n_layers:
+        raise ValueError(f"layer ({layer}) must be between 0 and {model.params.n_layers - 1}")
+    device = next(model.parameters()).device if device is None else pick_device(device)
+    cache = make_cache(model, max_seq_len=total, device=device)
+    new = [int(nxt[0]) for nxt, _, _ in generate_steps(
+        model, [prompt_ids], max_new_tokens, cache=cache, device=device, **sampling)]
+    keys = cache[layer].cache_k[0].flatten(1).float().cpu()  # (total, n_kv_heads * head_dim)
+    per_position = cache.bytes_per_position
+    filled_after = [0] + [plen + t for t in range(len(new))]  # step t -> positions written
+    play = widgets.Play(value=0, min=0, max=len(new), interval=400, description="play")
+    controls = {"step": widgets.IntSlider(value=0, min=0, max=len(new), description="step")}
+    widgets.link((play, "value"), (controls["step"], "value"))
+
+    def text_of(ids) -> str:
+        if tokenizer is None:
+            return " ".join(map(str, ids))
+        return tokenizer.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def update(w: Explorer) -> None:
+        step = w.controls["step"].value
+        filled = filled_after[step]
+        shown = keys.clone()
+        shown[filled:] = float("nan")  # allocated, not written yet
+        w.result = {"step": step, "filled": filled, "new_tokens": new[:step],
+                    "filled_bytes": filled * per_position, "allocated_bytes": cache.nbytes,
+                    "text": text_of(new[:step]), "keys": shown}
+        fig, (ax0, ax1) = _figure(10, 3.6, 2)
+        limit = float(keys.abs().max()) or 1.0
+        image = ax0.imshow(shown.T.numpy(), aspect="auto", cmap="RdBu", vmin=-limit,
+                           vmax=limit, interpolation="nearest")
+        fig.colorbar(image, ax=ax0, label="key value (after RoPE)")
+        ax0.axvline(plen - 0.5, color="k", lw=0.8, ls=":")
+        ax0.set(xlabel="position (prompt left of the dotted line)",
+                ylabel="KV head x head dim", title=f"layer {layer} keys: {filled} of {total} "
+                f"positions written")
+        steps = np.arange(len(filled_after))
+        ax1.plot(steps, np.array(filled_after) * per_position / 1024, label="written")
+        ax1.axhline(cache.nbytes / 1024, color="C1", ls="--", label="allocated")
+        ax1.plot([step], [filled * per_position / 1024], "o", color="C3", label=f"step {step}")
+        ax1.set(xlabel="generation step", ylabel="KV cache (KiB, all layers)",
+                title="cache memory as it grows")
+        ax1.legend(fontsize=8, loc="lower right")
+        w.show(fig, f"step {step}: {filled} positions written, {filled * per_position:,} of "
+                    f"{cache.nbytes:,} bytes · generated: <code>{escape(repr(w.result['text']))}"
+                    "</code>")
+
+    box = Explorer("Cache growth", controls, update, extra=[play])
+    box.controls["play"] = play
+    return box

@@ -19,6 +19,7 @@ from llama3_mini.generate import (
     top_k_filter,
     top_p_filter,
 )
+from llama3_mini.kv_cache import make_cache
 from llama3_mini.model import Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -278,3 +279,66 @@ def test_stream_of_single_bytes_yields_whole_characters(text):
     chunks = list(stream(model, ByteTokenizer(), [0], len(ids), stop_tokens=()))
     assert "".join(chunks) == text
     assert all(chunks) and not any("\ufffd" in c for c in chunks)
+
+
+# --- the exercise checker ------------------------------------------------------------------
+
+def test_check_top_p_accepts_the_reference_and_rejects_wrong_filters(capsys):
+    from llama3_mini.exercises import check_top_p
+
+    assert check_top_p(top_p_filter)
+    assert "right on all" in capsys.readouterr().out
+
+    def stops_before_reaching_p(logits, p):  # keeps only tokens whose running sum is <= p
+        probs = torch.softmax(logits, -1)
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = (sorted_probs.cumsum(-1) > p).scatter(-1, order, sorted_probs.cumsum(-1) > p)
+        return logits.masked_fill(drop, float("-inf"))
+
+    def forgets_to_sort(logits, p):  # running sum in vocabulary order
+        probs = torch.softmax(logits, -1)
+        return logits.masked_fill(probs.cumsum(-1) - probs >= p, float("-inf"))
+
+    def returns_probabilities(logits, p):
+        return torch.softmax(top_p_filter(logits, p), -1)
+
+    for wrong, case in ((stops_before_reaching_p, "tensor([2.0, 1.0, 0.0, -1.0]), 0.5"),
+                        (forgets_to_sort, "tensor([0.0, 3.0, 1.0, 2.0]), 0.9"),
+                        (returns_probabilities, "tensor([2.0, 1.0, 0.0, -1.0]), 0.5")):
+        assert not check_top_p(wrong)
+        out = capsys.readouterr().out
+        assert f"✗ top_p({case})" in out, out
+
+
+# --- the cache-growth widget ---------------------------------------------------------------
+
+def test_cache_growth_widget_follows_its_slider_and_play_button():
+    from llama3_mini.config import kv_cache_bytes
+    from llama3_mini.widgets import cache_growth_widget
+
+    model = random_model(CONFIGS["gqa"])
+    prompt = prompt_of(7, 0)
+    w = cache_growth_widget(model, prompt, max_new_tokens=12, layer=1)
+    expected_new = generate(model, [prompt], 12)[0]
+    cache = make_cache(model, device="cpu")  # the same keys, written by one plain pass
+    with torch.no_grad():
+        model(torch.tensor([prompt + expected_new[:-1]]), 0, cache)
+    keys_by_pass = cache[1].cache_k[0].flatten(1)  # (positions, n_kv_heads * head_dim)
+    assert w.result["filled"] == 0 and w.result["filled_bytes"] == 0
+    assert w.result["allocated_bytes"] == kv_cache_bytes(CONFIGS["gqa"], 19, 1, "float32")
+    for step in (1, 5, 12):
+        w.controls["step"].value = step
+        filled = 7 + step - 1  # the prompt, then one more position per later step
+        assert w.result["filled"] == filled
+        assert w.result["new_tokens"] == expected_new[:step]
+        assert w.result["filled_bytes"] == kv_cache_bytes(CONFIGS["gqa"], filled, 1, "float32")
+        assert f"step {step}: {filled} positions written" in w.readout.value
+        keys = w.result["keys"]
+        torch.testing.assert_close(keys[:filled], keys_by_pass[:filled], atol=1e-5, rtol=1e-5)
+        assert keys[filled:].isnan().all()
+        shown = w.figure.axes[0].images[0].get_array()  # what the heat map draws
+        assert (~shown.mask[:, :filled]).all() and shown.mask[:, filled:].all()
+    w.controls["play"].value = 3  # the play button drives the same slider
+    assert w.controls["step"].value == 3 and w.result["filled"] == 9
+    with pytest.raises(ValueError, match=r"layer \(5\) must be between 0 and 1"):
+        cache_growth_widget(model, prompt, 4, layer=5)

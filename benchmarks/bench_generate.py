@@ -1,0 +1,72 @@
+"""Generation speed: our KV cache against recomputing every step, and against Hugging Face
+`generate` (its own cache) on the same weights. Tiny preset, batch 1, a 16-token prompt,
+greedy decoding; one run of each, tokens per second and ratios printed side by side.
+
+    .venv/bin/python benchmarks/bench_generate.py [--lengths 128 512 1024] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from llama3_mini.checkpoint import to_hf_model
+from llama3_mini.config import get_preset
+from llama3_mini.generate import generate
+from llama3_mini.model import Transformer, pick_device
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for all three (a tiny model decodes fastest on one)")
+    parser.add_argument("--no-cache-max", type=int, default=1024,
+                        help="skip recomputation above this many new tokens (it is quadratic)")
+    parser.add_argument("--device", default=None)
+    opts = parser.parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    device = pick_device(opts.device)
+    torch.manual_seed(0)
+    args = get_preset("tiny").replace(max_seq_len=2048)
+    model = Transformer(args).to(device).eval()
+    hf = to_hf_model(model).to(device)
+    prompt = torch.randint(0, args.vocab_size, (16,)).tolist()
+    hf_ids = torch.tensor([prompt], device=device)
+    hf_opts = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    generate(model, [prompt], 8)  # warm-up: first calls allocate and pick kernels
+    generate(model, [prompt], 8, use_cache=False)
+    hf.generate(hf_ids, max_new_tokens=8, min_new_tokens=8, **hf_opts)
+
+    print(f"tiny preset ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters), "
+          f"batch 1, 16-token prompt, greedy; device {device}, {opts.threads} CPU thread(s); "
+          "tokens per second, one run each")
+    head = (f"{'new tokens':>10} | {'ours, cache':>11} | {'no cache':>9} | {'HF generate':>11} | "
+            f"{'cache/no cache':>14} | {'ours/HF':>7} | same tokens as HF")
+    print(head)
+    print("-" * len(head))
+    for n in opts.lengths:
+        ours, t_cache = timed(lambda n=n: generate(model, [prompt], n)[0])
+        theirs, t_hf = timed(lambda n=n: hf.generate(hf_ids, max_new_tokens=n, min_new_tokens=n,
+                                                     **hf_opts)[0, 16:].tolist())
+        if n <= opts.no_cache_max:
+            _, t_none = timed(lambda n=n: generate(model, [prompt], n, use_cache=False))
+            none_tps, ratio = f"{n / t_none:9.0f}", f"{t_none / t_cache:13.1f}x"
+        else:
+            none_tps, ratio = f"{'skipped':>9}", f"{'':>14}"
+        print(f"{n:>10} | {n / t_cache:11.0f} | {none_tps} | {n / t_hf:11.0f} | {ratio} | "
+              f"{t_hf / t_cache:6.1f}x | {ours == theirs}")
+
+
+if __name__ == "__main__":
+    main()
