@@ -277,6 +277,12 @@ def test_site_has_a_contents_page_linking_every_notebook_in_order(site_dir):
     assert links == [p.stem + ".html" for p in NOTEBOOKS]
     for link in links:
         assert (site_dir / link).is_file(), f"{link} is listed but was not written"
+    sections = [a for a in _parse(site_dir / "index.html").anchors if "#" in a]
+    assert len(sections) >= len(NOTEBOOKS), "the contents list no notebook's sections"
+    for link in sections:
+        page, anchor = link.split("#", 1)
+        assert f'id="{anchor}"' in (site_dir / page).read_text(encoding="utf-8"), (
+            f"contents link {link} points at no heading")
 
 
 def test_site_pages_link_previous_contents_and_next(site_dir):
@@ -369,3 +375,26 @@ def test_site_pages_make_no_request_in_a_real_browser(site_dir):
     outside = [u for u in requests if not u.startswith(("file:", "data:"))]
     assert not outside, f"pages requested {outside}"
     assert len(requests) >= len(NOTEBOOKS) + 1
+
+
+def test_math_in_the_prose_is_drawn_offline(tmp_path):
+    import base64
+    import xml.etree.ElementTree as ET
+
+    prose = ("# 98 · Math\n\nEach pair turns at $\\omega_i = \\theta^{-2i/d}$:\n\n"
+             "$$\\mathrm{RMSNorm}(x) = \\frac{x}{\\sqrt{\\tfrac{1}{d}\\sum_i x_i^2}}$$\n\n"
+             "Not math: `echo $HOME $PATH`. Not drawable: $\\notacommand{x}$.")
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(_notebook([nbformat.v4.new_markdown_cell(prose)]), tmp_path / "nbs" / "98.ipynb")
+    site.build_site(tmp_path / "nbs", tmp_path / "site")
+    page = (tmp_path / "site" / "98.html").read_text(encoding="utf-8")
+    images = [(re.search(r'alt="([^"]*)"', tag).group(1),
+               re.search(r'src="data:image/svg\+xml;base64,([^"]+)"', tag).group(1))
+              for tag in re.findall(r"<img [^>]*>", page) if 'class="l3m-math"' in tag]
+    assert [alt for alt, _ in images] == [
+        "\\omega_i = \\theta^{-2i/d}", "\\mathrm{RMSNorm}(x) = \\frac{x}{\\sqrt{\\tfrac{1}{d}"
+        "\\sum_i x_i^2}}"]
+    for _, data in images:
+        assert ET.fromstring(base64.b64decode(data)).tag.endswith("svg")
+    assert "echo $HOME $PATH" in page
+    assert "<code>\\notacommand{x}</code>" in page

@@ -6,7 +6,9 @@ Each notebook becomes one HTML page (nbconvert's JupyterLab template, with its s
 outputs and plots) with previous / contents / next links, and `index.html` lists them all.
 Nothing is fetched from the internet: the template's require.js, MathJax, Mermaid and
 widget-manager scripts are left out (a last pass removes any external script or
-stylesheet that remains), CSS is inline and images are embedded as data URIs. A widget
+stylesheet that remains), CSS is inline and images are embedded as data URIs. TeX in the
+prose ($...$, $$...$$) is drawn by matplotlib's mathtext into inline SVG images (left as
+code when mathtext cannot parse it). A widget
 is drawn from its stored state as a still snapshot (its readout, its figure, the values
 its controls had), with a note to open the notebook in JupyterLab to move them; a widget
 whose state was not stored gets the note alone. Solution cells fold away under "Show
@@ -14,8 +16,10 @@ the solution", as they are collapsed in JupyterLab."""
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import html
+import io
 import re
 import sys
 from pathlib import Path
@@ -37,6 +41,7 @@ SITE_CSS = """
 .l3m-widget-note { font-size: 90%; color: #555; font-style: italic; margin-bottom: 0.4em; }
 .l3m-control { display: inline-block; margin: 0 1.2em 0.3em 0; font-family: monospace; }
 .l3m-widget img { max-width: 100%; }
+.l3m-math-display { text-align: center; margin: 0.6em 0; }
 details.l3m-solution > summary { cursor: pointer; color: #1a5fb4; padding: 0.3em 0; }
 """
 
@@ -64,14 +69,16 @@ INDEX_TEMPLATE = """<!DOCTYPE html>
 body {{ font-family: sans-serif; max-width: 52em; margin: 2em auto; padding: 0 1em;
   line-height: 1.5; color: #222; }}
 li {{ margin-bottom: 0.8em; }} .summary {{ color: #444; }}
+ul.toc {{ list-style: none; padding-left: 0; }}
+ul.sections {{ font-size: 90%; margin-top: 0.3em; }} ul.sections li {{ margin-bottom: 0.1em; }}
 </style></head>
 <body><h1>{title}</h1>
 <p>Every notebook of the course with its stored outputs. To run the code, change it and
 do the exercises, open the notebooks in JupyterLab (<code>make lab</code>).</p>
 <h2>Contents</h2>
-<ol start="0">
+<ul class="toc">
 {items}
-</ol></body></html>
+</ul></body></html>
 """
 
 EXTERNAL = re.compile(r"^\s*(https?:)?//", re.I)
@@ -184,6 +191,43 @@ def render_widgets(nb) -> None:
                               f'note">{note}</div>{snapshot}</div>'}
 
 
+MATH = re.compile(r"(`+)(?:.|\n)*?\1|\$\$((?:.|\n)+?)\$\$|\$([^$\n]+?)\$")
+TEX_TO_MATHTEXT = {r"\tfrac": r"\frac", r"\text{": r"\mathrm{", r"\operatorname{": r"\mathrm{",
+                   r"\lvert": "|", r"\rvert": "|"}
+
+
+def math_image(tex: str, display: bool = False) -> str:
+    """An <img> of the TeX drawn by matplotlib's mathtext, or the TeX as a code span."""
+    from matplotlib import font_manager, mathtext
+
+    source = tex.strip()
+    for old, new in TEX_TO_MATHTEXT.items():
+        source = source.replace(old, new)
+    buffer = io.BytesIO()
+    try:
+        depth = mathtext.math_to_image(f"${source}$", buffer, format="svg",
+                                       prop=font_manager.FontProperties(size=15 if display else 13))
+    except ValueError:  # shown as code, as markdown writes it
+        return f"`` {tex} ``"
+    data = base64.b64encode(buffer.getvalue()).decode()
+    img = (f'<img class="l3m-math" alt="{html.escape(tex, quote=True)}" '
+           f'style="vertical-align: -{depth:.1f}pt" src="data:image/svg+xml;base64,{data}">')
+    return f'<div class="l3m-math-display">{img}</div>' if display else img
+
+
+def render_math(nb) -> None:
+    """Draw the prose's math offline, so no page needs MathJax from a CDN."""
+    def replace(match):
+        if match.group(1):  # a code span: leave its dollars alone
+            return match.group(0)
+        display = match.group(2) is not None
+        return math_image(match.group(2) if display else match.group(3), display)
+
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and "$" in cell.source:
+            cell.source = MATH.sub(replace, cell.source)
+
+
 def link_pages(nb) -> None:
     """Links between notebooks (`05_x.ipynb#part`) point at their pages instead."""
     for cell in nb.cells:
@@ -191,6 +235,13 @@ def link_pages(nb) -> None:
             cell.source = re.sub(r"(\]\(|href=[\"'])(?!https?:)([\w./-]+)\.ipynb\b",
                                  lambda m: m.group(1) + Path(m.group(2)).name + ".html",
                                  cell.source)
+
+
+def sections_of(page: str) -> list[tuple[str, str]]:
+    """(anchor id, text) of each second-level heading of a rendered page."""
+    found = re.findall(r'<h2 id="([^"]+)">(.*?)<a class="anchor-link"', page, re.S)
+    return [(anchor, html.unescape(re.sub(r"<[^>]+>", "", text)).strip())
+            for anchor, text in found]
 
 
 def _nav(pages: list[tuple[str, str]], i: int) -> str:
@@ -217,21 +268,26 @@ def build_site(src: Path, dst: Path, course: str = "llama3-mini") -> list[Path]:
     notebooks = [nbformat.read(p, as_version=4) for p in paths]
     pages = [(p.stem + ".html", title_of(nb, p.stem))
              for p, nb in zip(paths, notebooks, strict=True)]
-    html_exporter, written = exporter(), []
+    html_exporter, written, sections = exporter(), [], []
     for i, (path, nb) in enumerate(zip(paths, notebooks, strict=True)):
         nb = copy.deepcopy(nb)
         nb.metadata["title"] = pages[i][1]
         render_widgets(nb)
+        render_math(nb)
         link_pages(nb)
         resources = {"metadata": {"path": str(path.parent), "name": path.stem},
                      "site_nav": _nav(pages, i), "site_css": SITE_CSS}
         body, _ = html_exporter.from_notebook_node(nb, resources=resources)
-        (dst / pages[i][0]).write_text(strip_external(body), encoding="utf-8")
+        body = strip_external(body)
+        sections.append(sections_of(body))
+        (dst / pages[i][0]).write_text(body, encoding="utf-8")
         written.append(dst / pages[i][0])
     items = "\n".join(
         f'<li><a href="{page}">{html.escape(title)}</a><br>'
-        f'<span class="summary">{html.escape(summary_of(nb))}</span></li>'
-        for (page, title), nb in zip(pages, notebooks, strict=True))
+        f'<span class="summary">{html.escape(summary_of(nb))}</span>'
+        '<ul class="sections">' + "".join(f'<li><a href="{page}#{anchor}">{html.escape(text)}</a>'
+                                          f"</li>" for anchor, text in parts) + "</ul></li>"
+        for (page, title), nb, parts in zip(pages, notebooks, sections, strict=True))
     index = INDEX_TEMPLATE.format(title=html.escape(course), items=items)
     (dst / "index.html").write_text(index, encoding="utf-8")
     return [dst / "index.html", *written]
