@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: setup browser lab test test-fast notebooks student site bench lint clean
+.PHONY: setup browser lab test test-fast notebooks student site bench assets lint clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ student: $(STAMP)
 # The course as static HTML pages in site/ (open site/index.html): no internet needed.
 site: $(STAMP)
 	$(PY) tools/site.py notebooks site
+
+# The pretrained story model and its tokenizer (assets/story-model), deterministically, in
+# ten to twenty CPU minutes; notebooks 06 and later load it with load_pretrained().
+assets: $(STAMP)
+	$(PY) assets/make_assets.py
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) "$$b" || exit 1; done

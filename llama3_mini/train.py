@@ -278,6 +278,7 @@ class Trainer:
                                    cfg.seed, self.rank, self.world)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         total = torch.zeros((), device=self.device)
+        n_bytes = self.data.token_bytes.to(self.device)[targets].sum()  # bytes of this share
         micro = zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum), strict=True)
         for i, (x, y) in enumerate(micro):
             last = i == cfg.grad_accum - 1
@@ -289,8 +290,10 @@ class Trainer:
             total += loss.detach() / cfg.grad_accum
         if self.world > 1:
             dist.all_reduce(total)
+            dist.all_reduce(n_bytes)
             total /= self.world
         loss = total.item()
+        bytes_per_token = n_bytes.item() / (cfg.batch_size * cfg.seq_len)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             where = self.last_checkpoint or "none saved yet"
@@ -302,7 +305,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += cfg.batch_size * cfg.seq_len
-        self._log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm.item()})
+        self._log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm.item(),
+                   "bpb": loss / math.log(2) / max(bytes_per_token, 1e-9)})  # train bits/byte
         return loss
 
     def evaluate(self) -> dict:
