@@ -45,8 +45,9 @@ notebooks: $(STAMP)
 	done
 
 # Student copies in student/: every exercise's solution replaced by a stub to fill in.
+# Copies already there that differ (a learner's work) are kept; FORCE=1 replaces them.
 student: $(STAMP)
-	$(PY) tools/student.py notebooks student
+	$(PY) tools/student.py notebooks student $(if $(FORCE),--force)
 
 # The course as static HTML pages in site/ (open site/index.html): no internet needed.
 site: $(STAMP)

@@ -108,6 +108,25 @@ def test_make_student_names_a_notebook_without_an_exercise(tmp_path, capsys):
     assert "03_x.ipynb: no solution cell" in capsys.readouterr().err
 
 
+def test_make_student_never_overwrites_a_learners_work_unless_forced(tmp_path, capsys):
+    src, out = tmp_path / "nbs", tmp_path / "student"
+    src.mkdir()
+    check = nbformat.v4.new_code_cell("assert check_count_params(f)")
+    nbformat.write(_notebook([_solution_cell("def f(a):\n    return 42\n"), check]),
+                   src / "00_x.ipynb")
+    assert student.main([str(src), str(out)]) == 0
+    work = nbformat.read(out / "00_x.ipynb", as_version=4)
+    work.cells[0].source = "def f(a):\n    return a  # the learner's attempt\n"
+    nbformat.write(work, out / "00_x.ipynb")
+    assert student.main([str(src), str(out)]) == 0
+    assert "learner's attempt" in (out / "00_x.ipynb").read_text()
+    assert "kept " + str(out / "00_x.ipynb") in capsys.readouterr().err
+    assert student.main([str(src), str(out), "--force"]) == 0
+    assert "learner's attempt" not in (out / "00_x.ipynb").read_text()
+    assert student.main([str(src), str(out)]) == 0  # an unchanged copy is no conflict
+    assert "kept" not in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- stubs, by hand
 STUB_CASES = [
     ("def f(a, b=2, *rest, key: int = 3, **kw) -> int:\n    '''Sum them.'''\n"

@@ -1,12 +1,14 @@
 """Student copies of the course: every exercise's solution replaced by a stub.
 
-    python tools/student.py [notebooks/] [student/]      (or: make student)
+    python tools/student.py [notebooks/] [student/] [--force]     (or: make student)
 
 A solution cell is a code cell tagged `solution` (its source collapsed in JupyterLab by
 `"jupyter": {"source_hidden": true}`). In the copy it keeps each function's name,
 signature and docstring, and its body becomes `raise NotImplementedError("your turn")`;
 imports stay, everything else in the cell goes. The solution cell's own outputs are
 cleared; every other cell, check cells included, is copied as it is, outputs and all.
+A copy already in student/ that differs from the one about to be written (a learner's work,
+or an older version of the course) is kept, with a warning, unless --force is given.
 
 `exercise_problems(nb)` lists what a notebook lacks for this to work (no solution cell,
 a solution not collapsed, no check cell); `main` names each such notebook on stderr, since
@@ -26,7 +28,8 @@ import nbformat
 SOLUTION_TAG = "solution"
 STUB_TAG = "exercise"  # the stub's tag in the student copy
 STUB_ERROR = 'raise NotImplementedError("your turn")'
-STUB_NOTE = "# Your turn: replace each `raise NotImplementedError` with your code."
+STUB_NOTE = ("# Your turn: replace each `raise NotImplementedError` with your code "
+             "(this copy has no solution).")
 CHECK_CALL = re.compile(r"\bcheck_\w+\s*\(")
 
 
@@ -147,28 +150,42 @@ def notebooks_in(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).glob("*.ipynb") if not p.name.startswith("."))
 
 
-def write_student(src: Path, dst: Path) -> list[Path]:
-    """Write the student copy of every notebook in src (and its other files) to dst."""
+def write_student(src: Path, dst: Path, force: bool = False) -> tuple[list[Path], list[Path]]:
+    """Write the student copy of every notebook in src (and its other files) to dst.
+
+    Returns (written, kept): kept are the existing copies that differ from the new ones
+    and were left alone, since force was not given."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, kept = [], []
     for path in sorted(src.iterdir()):
+        target = dst / path.name
         if path.name.startswith(".") or path.is_dir():
             continue
         if path.suffix == ".ipynb":
             nb = student_notebook(nbformat.read(path, as_version=4))
             nbformat.validate(nb)
-            nbformat.write(nb, dst / path.name)
-            written.append(dst / path.name)
+            text = nbformat.writes(nb).rstrip("\n") + "\n"
         else:  # data files next to the notebooks travel with them
-            shutil.copy2(path, dst / path.name)
-    return written
+            text = None
+        if target.exists() and not force and (
+                target.read_bytes() != (path.read_bytes() if text is None else text.encode())):
+            kept.append(target)
+            continue
+        if text is None:
+            shutil.copy2(path, target)
+        else:
+            target.write_text(text, encoding="utf-8")
+            written.append(target)
+    return written, kept
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("src", nargs="?", default="notebooks", type=Path)
     parser.add_argument("dst", nargs="?", default="student", type=Path)
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite copies in dst that differ (a learner's work is lost)")
     opts = parser.parse_args(argv)
     paths = notebooks_in(opts.src)
     if not paths:
@@ -178,7 +195,11 @@ def main(argv=None) -> int:
     bad = {name: problems for name, problems in bad.items() if problems}
     for name, problems in bad.items():
         print(f"warning: {name}: " + "; ".join(problems), file=sys.stderr)
-    written = write_student(opts.src, opts.dst)
+    written, kept = write_student(opts.src, opts.dst, force=opts.force)
+    for path in kept:
+        print(f"warning: kept {path}: it differs from the new copy (a learner's work, or an "
+              "older course); remove it or pass --force (make student FORCE=1) to replace it",
+              file=sys.stderr)
     print(f"wrote {len(written)} student notebooks to {opts.dst}/")
     return 0
 
