@@ -53,6 +53,13 @@ PAGE_TEMPLATE = r"""{%- extends 'lab/index.html.j2' -%}
 {%- block extra_css -%}<style type="text/css">{{ resources.site_css }}</style>{%- endblock -%}
 {%- block body_header -%}{{ super() }}{{ resources.site_nav }}{%- endblock body_header -%}
 {%- block body_footer -%}{{ resources.site_nav }}{{ super() }}{%- endblock body_footer -%}
+{#- pygments escapes the code it highlights: skip the (slow) HTML sanitiser on it -#}
+{%- block input -%}
+<div class="jp-CodeMirrorEditor jp-Editor jp-InputArea-editor" data-type="inline">
+<div class="cm-editor cm-s-jupyter">
+{{ cell.source | highlight_code(metadata=cell.metadata) }}
+</div></div>
+{%- endblock input -%}
 {%- block input_group -%}
 {%- if 'solution' in cell.metadata.get('tags', []) -%}
 <details class="l3m-solution"><summary>Show the solution (try the exercise first)</summary>
