@@ -305,8 +305,8 @@ class Tokenizer:
     def encode(self, s: str, *, bos: bool = False, eos: bool = False, allowed_special=(),
                pure_python: bool = False) -> list[int]:
         """Token ids of s. Special-token text inside s is ordinary text unless named in
-        allowed_special (a set of names, or "all"). pure_python=True uses the teaching
-        encoder (same ids, slower) instead of tiktoken."""
+        allowed_special (a set of names, or "all"). pure_python=True: the teaching encoder,
+        slower, same ids (bar letters too new for tiktoken's Unicode tables, e.g. U+1E6F0)."""
         if not isinstance(s, str):
             raise TypeError(f"encode takes a str, got {type(s).__name__}; decode bytes first")
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
