@@ -252,3 +252,31 @@ def test_from_pretrained_reads_the_folders_tokenizer(tmp_path, files):
     text = "Llama 3 reads 128K tokens: naïve café, 東京, emoji 🦙 and code `x += 1`\n\n  done."
     assert tok.encode(text) == reference.encode(text, add_special_tokens=False).ids
     assert tok.eot_id == reference.token_to_id("<|eot_id|>") == 128009
+
+
+def test_chat_uses_the_template_and_stops_at_eot(tmp_path):
+    from llama3_mini.config import ModelArgs
+    from llama3_mini.model import Transformer
+    from llama3_mini.tokenizer import ChatFormat
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=128256,
+                                  multiple_of=16, max_seq_len=64, tie_word_embeddings=True))
+    hub.save_meta(model, tmp_path, tokenizer_model=meta_tokenizer_file())
+    llama = hub.Llama.from_pretrained(tmp_path, device="cpu", max_seq_len=64)
+    dialog = [{"role": "user", "content": "Capital of France?"}]
+    prompt = ChatFormat(llama.tokenizer).encode_dialog_prompt(dialog)
+    assert prompt[:2] == [128000, 128006]  # <|begin_of_text|><|start_header_id|>
+    assert llama.tokenizer.decode(prompt).endswith(
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    # An output layer that always says one token, by its bias alone.
+    llama.model.output = torch.nn.Linear(16, 128256, bias=True)
+    torch.nn.init.zeros_(llama.model.output.weight)
+    paris = llama.tokenizer.encode(" Paris")
+    assert len(paris) == 1
+    with torch.no_grad():
+        llama.model.output.bias.zero_()[paris[0]] = 10.0
+    assert llama.chat(dialog, max_new_tokens=3) == " Paris Paris Paris"  # no stop: the budget
+    with torch.no_grad():
+        llama.model.output.bias.zero_()[llama.tokenizer.eot_id] = 10.0
+    assert llama.chat(dialog, max_new_tokens=3) == ""  # <|eot_id|> first: stops, not shown

@@ -6,10 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llama3_mini.config import ModelArgs
-from llama3_mini.data import is_grammatical
+from llama3_mini.data import is_grammatical, parse_story
 from llama3_mini.finetune import (
     IGNORE,
     QUESTIONS,
+    encode_example,
     loss_mask,
     make_batch,
     make_qa,
@@ -17,6 +18,7 @@ from llama3_mini.finetune import (
     split_qa,
 )
 from llama3_mini.model import Transformer
+from llama3_mini.tokenizer import ChatFormat, Tokenizer, llama3_tokenizer_path
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16,
                  max_seq_len=64)
@@ -92,13 +94,30 @@ def test_sft_loss_is_the_mean_negative_log_likelihood_of_the_replies():
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_questions_have_answers_that_appear_in_their_story():
-    examples = make_qa(50, seed=3)
-    assert len(examples) == 50 * len(QUESTIONS)
-    for e in examples:
-        assert is_grammatical(e.story)
-        assert e.answer in e.story, (e.kind, e.answer)
-        assert e.question == QUESTIONS[e.kind]
+def test_answers_are_the_stories_own_choices_and_lie_in_the_opening():
+    whole = make_qa(50, seed=3, whole=True)
+    opening = make_qa(50, seed=3)
+    assert len(whole) == len(opening) == 50 * len(QUESTIONS)
+    for w, o in zip(whole, opening, strict=True):
+        assert is_grammatical(w.story)
+        assert w.story.startswith(o.story) and len(o.story) < len(w.story) / 2
+        assert w.answer == o.answer and w.question == o.question == QUESTIONS[w.kind]
+        assert o.answer in o.story, (o.kind, o.answer)
+        choices = parse_story(w.story).choices  # the parser's reading of the text
+        hero = next(v for k, v in choices if k == "hero")
+        assert (w.kind != "hero") or w.answer == hero
+
+
+def test_encoded_example_is_the_chat_prompt_then_the_answer_then_eot():
+    tok = Tokenizer.load(llama3_tokenizer_path())
+    chat = ChatFormat(tok)
+    example = make_qa(1, seed=5)[0]
+    tokens, n_prompt = encode_example(example, tok, chat)
+    assert tokens[:n_prompt] == chat.encode_dialog_prompt(example.dialog())
+    assert tok.decode(tokens[n_prompt:]) == example.answer + "<|eot_id|>"
+    inputs, targets = make_batch([(tokens, n_prompt)])
+    kept = targets[targets != IGNORE].tolist()
+    assert tok.decode(kept) == example.answer + "<|eot_id|>"  # the loss sees the answer only
 
 
 def test_held_out_stories_are_never_in_training():
