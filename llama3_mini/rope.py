@@ -34,7 +34,8 @@ def apply_scaling(freqs: torch.Tensor, scale_factor: float = 8.0, low_freq_facto
     low_freq_wavelen = original_max_seq_len / low_freq_factor
     high_freq_wavelen = original_max_seq_len / high_freq_factor
     wavelen = 2 * math.pi / freqs
-    smooth = (original_max_seq_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    band = high_freq_factor - low_freq_factor
+    smooth = (original_max_seq_len / wavelen - low_freq_factor) / band
     blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
     scaled = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
     return torch.where(wavelen < high_freq_wavelen, freqs, scaled)

@@ -4,8 +4,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama3_mini.config import (GiB, ModelArgs, get_preset, kv_cache_bytes, num_params,
-                                param_counts, weight_bytes)
+from llama3_mini.config import (
+    GiB,
+    ModelArgs,
+    get_preset,
+    kv_cache_bytes,
+    num_params,
+    param_counts,
+    weight_bytes,
+)
 from llama3_mini.model import Transformer
 
 # Published parameter counts of Meta's models (Hugging Face model cards / safetensors totals).
@@ -59,7 +66,8 @@ def test_weight_bytes_in_bf16():
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(dim=96, n_heads=12, n_kv_heads=5), r"n_heads \(12\) must be a multiple of n_kv_heads \(5\)"),
+    (dict(dim=96, n_heads=12, n_kv_heads=5),
+     r"n_heads \(12\) must be a multiple of n_kv_heads \(5\)"),
     (dict(dim=100, n_heads=8), r"dim \(100\) must be divisible by n_heads \(8\)"),
     (dict(dim=24, n_heads=8, n_kv_heads=8), r"head_dim = dim / n_heads \(3\) must be even"),
     (dict(n_layers=0), r"n_layers \(0\) must be positive"),

@@ -5,8 +5,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # a test dependency: always installed by make
 
-from llama3_mini.checkpoint import (args_from_hf_config, from_hf_state_dict, hf_config,  # noqa: E402
-                                    to_hf_state_dict)
+from llama3_mini.checkpoint import (  # noqa: E402
+    args_from_hf_config,
+    from_hf_state_dict,
+    hf_config,
+    to_hf_state_dict,
+)
 from llama3_mini.config import ModelArgs  # noqa: E402
 from llama3_mini.model import Transformer  # noqa: E402
 

@@ -1,7 +1,8 @@
 """The two ways to install must not drift apart, and CI must call the README's command."""
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
