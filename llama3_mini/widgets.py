@@ -37,7 +37,8 @@ class Explorer(widgets.VBox):
         rows += [widgets.HBox(boxes[i: i + 3]) for i in range(0, len(boxes), 3)]
         super().__init__([*rows, *extra, self.readout, self.image])
         self.add_class("l3m-" + title.lower().replace(" ", "-"))
-        for control in controls.values():
+        for key, control in controls.items():
+            control.add_class(f"l3m-control-{key}")  # for the browser tests' selectors
             control.observe(lambda _change: self.refresh(), names="value")
         self.refresh()
 
