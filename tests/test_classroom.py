@@ -417,3 +417,22 @@ def test_math_in_the_prose_is_drawn_offline(tmp_path):
         assert ET.fromstring(base64.b64decode(data)).tag.endswith("svg")
     assert "echo $HOME $PATH" in page
     assert "<code>\\notacommand{x}</code>" in page
+
+
+def test_a_progress_bar_renders_as_a_bar_with_no_note(tmp_path):
+    import ipywidgets as widgets
+    from ipywidgets.embed import embed_data
+
+    bar = widgets.HBox([widgets.HTML("training: 75%"), widgets.FloatProgress(value=3, max=4)])
+    data = embed_data(views=[bar])
+    output = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": data["view_specs"][0]})
+    nb = _notebook([nbformat.v4.new_code_cell("train()", outputs=[output])])
+    nb.metadata["widgets"] = {site.WIDGET_STATE: data["manager_state"]}
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(nb, tmp_path / "nbs" / "97_bar.ipynb")
+    site.build_site(tmp_path / "nbs", tmp_path / "site")
+    page = (tmp_path / "site" / "97_bar.html").read_text(encoding="utf-8")
+    assert re.search(r'<progress max="4(\.0)?" value="3(\.0)?">|<progress value="3(\.0)?" '
+                     r'max="4(\.0)?">', page)
+    assert "training: 75%" in page and "Open the notebook in JupyterLab" not in page

@@ -167,11 +167,30 @@ def widget_html(model_id: str, states: dict, depth: int = 0) -> str:
         return f"<div>{html.escape(str(state.get('value', '')))}</div>"
     if name == "OutputModel":
         return "".join(_output_html(output) for output in state.get("outputs", []))
+    if name in ("FloatProgressModel", "IntProgressModel"):  # tqdm's bars, for one
+        return (f'<progress value="{state.get("value", 0)}" max="{state.get("max", 100)}">'
+                "</progress>")
     if name == "ButtonModel":
         return f'<span class="l3m-control">[{html.escape(state.get("description", ""))}]</span>'
     if "value" in state or "_options_labels" in state:
         return _control(state)
     return ""
+
+
+PASSIVE = ("Box", "VBox", "HBox", "GridBox", "HTML", "HTMLMath", "Label", "Image", "Output",
+           "FloatProgress", "IntProgress", "Layout", "Style")
+
+
+def has_controls(model_id: str, states: dict, depth: int = 0) -> bool:
+    """Whether the widget has anything a learner could move (a slider, a menu, a button)."""
+    model = states.get(model_id.removeprefix("IPY_MODEL_"))
+    if model is None or depth > 20:
+        return False
+    name = model.get("model_name", "").removesuffix("Model")
+    if not any(name == p or name.endswith("Style") for p in PASSIVE):
+        return True
+    return any(has_controls(c, states, depth + 1)
+               for c in model.get("state", {}).get("children", []))
 
 
 def _output_html(output: dict) -> str:
@@ -191,11 +210,16 @@ def render_widgets(nb) -> None:
             view = output.get("data", {}).get(WIDGET_VIEW)
             if view is None:
                 continue
-            snapshot = widget_html(view.get("model_id", ""), stored)
-            note = ("A still snapshot of the widget as it was stored. " + OPEN_IN_LAB
-                    if snapshot else OPEN_IN_LAB)
-            output["data"] = {"text/html": f'<div class="l3m-widget"><div class="l3m-widget-'
-                              f'note">{note}</div>{snapshot}</div>'}
+            model_id = view.get("model_id", "")
+            snapshot = widget_html(model_id, stored)
+            if not snapshot:
+                note = OPEN_IN_LAB
+            elif has_controls(model_id, stored):
+                note = "A still snapshot of the widget as it was stored. " + OPEN_IN_LAB
+            else:  # a progress bar or a figure: nothing to move, nothing to say
+                note = ""
+            note = f'<div class="l3m-widget-note">{note}</div>' if note else ""
+            output["data"] = {"text/html": f'<div class="l3m-widget">{note}{snapshot}</div>'}
 
 
 MATH = re.compile(r"(`+)(?:.|\n)*?\1|\$\$((?:.|\n)+?)\$\$|\$([^$\n]+?)\$")
