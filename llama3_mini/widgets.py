@@ -316,6 +316,7 @@ def cache_growth_widget(model, prompt_ids, max_new_tokens: int = 32, tokenizer=N
     against the bytes allocated. After step t >= 1 the cache holds the prompt and the first
     t - 1 new tokens: the newest token enters it at the next step. `sampling` takes
     `generate`'s options (temperature, top_k, top_p, seed, stop_tokens)."""
+    from codecs import getincrementaldecoder
     from html import escape
 
     from .generate import generate_steps  # widgets sit on top: import at call time
@@ -339,7 +340,8 @@ def cache_growth_widget(model, prompt_ids, max_new_tokens: int = 32, tokenizer=N
     def text_of(ids) -> str:
         if tokenizer is None:
             return " ".join(map(str, ids))
-        return tokenizer.decode_bytes(ids).decode("utf-8", errors="replace")
+        # as stream() does: bytes of a character not yet complete are held back
+        return getincrementaldecoder("utf-8")(errors="replace").decode(tokenizer.decode_bytes(ids))
 
     def update(w: Explorer) -> None:
         step = w.controls["step"].value
