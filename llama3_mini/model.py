@@ -88,12 +88,15 @@ class Attention(nn.Module):
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
         if cache is not None:  # keys and values of every position so far: (b, total, kv, hd)
             xk, xv = cache.update(start_pos, xk, xv)
-        keys = repeat_kv(xk, self.n_rep).transpose(1, 2)  # (bsz, n_heads, total, head_dim)
-        values = repeat_kv(xv, self.n_rep).transpose(1, 2)
         q = xq.transpose(1, 2)  # (bsz, n_heads, seqlen, head_dim)
         if self.use_sdpa and not self.keep_attn:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            # The fused kernel shares each KV head among its query heads itself, without
+            # the copy that repeat_kv makes (the same result; tests/test_model.py checks).
+            out = F.scaled_dot_product_attention(q, xk.transpose(1, 2), xv.transpose(1, 2),
+                                                 attn_mask=mask, enable_gqa=self.n_rep > 1)
         else:
+            keys = repeat_kv(xk, self.n_rep).transpose(1, 2)  # (bsz, n_heads, total, head_dim)
+            values = repeat_kv(xv, self.n_rep).transpose(1, 2)
             out, weights = attention(q, keys, values, mask)
             self.attn_weights = weights.detach() if self.keep_attn else None
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
