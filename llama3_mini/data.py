@@ -1,15 +1,9 @@
-"""Corpora and token batches.
-
-Three corpora, none downloaded:
-- stories: short children's stories from a seeded probabilistic grammar. Every random choice
-  shows in the text, so a story can be parsed back into its choices and the corpus's exact
-  entropy (bits per byte) is known: the floor that no model's loss can go below.
-- any UTF-8 text file or folder (one document per file);
-- Python's own standard library source (code).
-
-Documents are joined with <|begin_of_text|> ... <|end_of_text|>, tokenized once into a
-(memory-mapped) token file, split into train and validation by document, and cut into
-fixed-length sequences."""
+"""Corpora, none downloaded, and token batches. The stories come from a seeded grammar whose
+every choice shows in the text, so a story parses back into its choices and the corpus's
+exact entropy (bits per byte), the floor under any model's loss, is known. Any UTF-8 file or
+folder, and Python's standard library (code), are the others. Documents are joined with
+<|begin_of_text|> ... <|end_of_text|>, tokenized once (a memory-mapped token file), split by
+document into train and validation, and cut into fixed-length sequences."""
 from __future__ import annotations
 
 import bisect
@@ -18,42 +12,40 @@ import os
 import random
 import sysconfig
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-# ---------------------------------------------------------------------------------------------
 # The story grammar. Each list is a set of options a story picks from uniformly unless
 # weights are given. No option is a prefix of another where they can meet in the same place,
 # so a story's text decides its choices (tests/test_data.py parses stories back to prove it).
-NAMES = ["Lily", "Tom", "Mia", "Ben", "Sam", "Anna", "Max", "Zoe", "Leo", "Emma", "Jack",
-         "Lucy", "Finn", "Ruby", "Noah", "Ivy", "Owen", "Rosa", "Hugo", "Nora", "Eli", "Maya",
-         "Otto", "Kate", "Dan", "Pia", "Gus", "Tess", "Carl", "Wendy", "Bo", "Jude"]
-KINDS = ["girl", "boy", "rabbit", "fox", "bear", "cat", "dog", "mouse", "duck", "owl", "frog",
-         "pig", "goat", "lion", "hen", "bee"]
-TRAITS = ["little", "brave", "kind", "happy", "shy", "clever", "small", "gentle", "funny",
-          "quiet", "tall", "young", "busy", "silly", "old", "sleepy"]
+NAMES = ("Lily Tom Mia Ben Sam Anna Max Zoe Leo Emma Jack Lucy Finn Ruby Noah Ivy Owen Rosa "
+         "Hugo Nora Eli Maya Otto Kate Dan Pia Gus Tess Carl Wendy Bo Jude").split()
+KINDS = "girl boy rabbit fox bear cat dog mouse duck owl frog pig goat lion hen bee".split()
+TRAITS = ("little brave kind happy shy clever small gentle funny quiet tall young busy silly old "
+          "sleepy").split()
 PLACES = ["a small village", "a big forest", "a sunny farm", "an old castle", "a quiet town",
           "a green valley", "a busy city", "a tiny island", "a snowy mountain", "a sandy beach",
           "a dark cave", "a pretty garden", "a tall tree", "a wide river", "a warm house",
           "a cold pond"]
-COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "white"]
-THINGS = ["ball", "kite", "hat", "boat", "book", "drum", "cup", "box", "bell", "shell", "coin",
-          "key", "doll", "sock", "lamp", "map"]
-HAVE = ["loved", "wanted", "had", "found", "made", "got", "kept", "lost"]
+COLORS = "red blue green yellow purple orange pink white".split()
+THINGS = "ball kite hat boat book drum cup box bell shell coin key doll sock lamp map".split()
+HAVE = "loved wanted had found made got kept lost".split()
 THING_WAS = ["very old", "brand new", "soft", "shiny", "big", "tiny", "heavy", "light"]
 WHEN = ["One day,", "One morning,", "One evening,", "Then one day,", "Later,", "After lunch,",
         "On a rainy day,", "On a windy day,"]
 SPOTS = ["a deep hole", "the river", "a muddy puddle", "a thick bush", "the tall grass",
          "a big box", "the old well", "a pile of leaves"]
 PIECES = ["two", "three", "four", "many"]
-FEELINGS = ["sad", "scared", "angry", "worried", "upset", "lonely", "cross", "tired"]
+FEELINGS = "sad scared angry worried upset lonely cross tired".split()
 REACTIONS = ["cried", "sat down", "looked around", "called for help"]
 SAYINGS = ["Do not worry, I will help you!", "Let us look together.", "I know what to do!",
            "We can fix this.", "Come with me!", "Be brave, we will find a way.",
            "I have an idea!", "Let us try again."]
-SEARCH = ["searched", "looked", "walked", "asked", "ran", "waited", "dug", "climbed"]
+SEARCH = "searched looked walked asked ran waited dug climbed".split()
 HOW_LONG = ["all day", "for a long time", "until dark", "very fast", "very slowly",
             "again and again", "with care", "side by side"]
 FOUND_AT = ["under a rock", "behind a tree", "in the mud", "near the door", "on a hill",
@@ -160,24 +152,20 @@ class _Generate:
     def pick(self, label, options, weights=None):
         if weights is None:
             i = self.rng.randrange(len(options))
-            p = 1.0 / len(options)
         else:
-            i = bisect.bisect_right(list(_cumsum(weights)), self.rng.random() * sum(weights))
-            i = min(i, len(options) - 1)
-            p = weights[i] / sum(weights)
+            cumulative = list(accumulate(weights))
+            i = min(bisect.bisect_right(cumulative, self.rng.random() * sum(weights)),
+                    len(options) - 1)
         self.choices.append((label, options[i]))
-        self.bits -= math.log2(p)
+        self.bits -= math.log2(_probability(i, options, weights))
         return options[i]
 
     def say(self, text):
         self.parts.append(text)
 
 
-def _cumsum(values):
-    total = 0.0
-    for v in values:
-        total += v
-        yield total
+def _probability(i: int, options, weights) -> float:
+    return 1 / len(options) if weights is None else weights[i] / sum(weights)
 
 
 @dataclass
@@ -192,8 +180,7 @@ class Story:
 
 
 def make_story(rng: random.Random) -> Story:
-    gen = _Generate(rng)
-    _tell(gen)
+    _tell(gen := _Generate(rng))
     return Story("".join(gen.parts), gen.choices, gen.bits)
 
 
@@ -214,29 +201,25 @@ def entropy_bits_per_byte(stories: list[Story]) -> float:
 
 
 class _Mismatch(Exception):
-    pass
+    """The replayed text stopped matching the target."""
 
 
 class _NeedChoice(Exception):
-    def __init__(self, label, options, weights):
-        super().__init__(label)
-        self.label, self.options, self.weights = label, options, weights
+    """The replay ran out of given choices; args[0] is how many options the next one has."""
 
 
 class _Replay:
     """Replays given choices and checks that every piece of text matches the target."""
 
     def __init__(self, target: str, forced: list[int]):
-        self.target, self.forced, self.pos, self.k, self.choices = target, forced, 0, 0, []
-        self.bits = 0.0
+        self.target, self.forced, self.pos, self.choices, self.bits = target, forced, 0, [], 0.0
 
     def pick(self, label, options, weights=None):
-        if self.k == len(self.forced):
-            raise _NeedChoice(label, options, weights)
-        i = self.forced[self.k]
-        self.k += 1
+        if len(self.choices) == len(self.forced):
+            raise _NeedChoice(len(options))
+        i = self.forced[len(self.choices)]
         self.choices.append((label, options[i]))
-        self.bits -= math.log2(1 / len(options) if weights is None else weights[i] / sum(weights))
+        self.bits -= math.log2(_probability(i, options, weights))
         return options[i]
 
     def say(self, text):
@@ -257,7 +240,7 @@ def parse_story_all(text: str, limit: int = 2) -> list[Story]:
         except _Mismatch:
             continue
         except _NeedChoice as need:
-            stack.extend(forced + [i] for i in reversed(range(len(need.options))))
+            stack.extend(forced + [i] for i in reversed(range(need.args[0])))
             continue
         if replay.pos == len(text):
             found.append(Story(text, replay.choices, replay.bits))
@@ -276,10 +259,9 @@ def parse_story(text: str) -> Story:
 
 def is_grammatical(text: str) -> bool:
     """True if the grammar can make exactly this text (to score a model's samples)."""
-    return bool(parse_story_all(text.strip(), limit=1)) if text.strip() else False
+    return bool(text.strip()) and bool(parse_story_all(text.strip(), limit=1))
 
 
-# ---------------------------------------------------------------------------------------------
 # Text files and folders, and Python's standard library.
 def read_text_file(path, errors: str = "strict") -> str:
     """A UTF-8 file as text. errors="strict" names the file and byte offset of the first bad
@@ -303,8 +285,7 @@ def read_text_corpus(path, errors: str = "strict", suffixes=(".txt", ".md", ".py
     if not path.is_dir():
         raise FileNotFoundError(f"no such file or folder: {path}")
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(tuple(suffixes)))
-    if max_files is not None:
-        files = files[:max_files]
+    files = files[:max_files]  # all of them when max_files is None
     if not files:
         raise ValueError(f"no files ending with {', '.join(suffixes)} in {path}")
     return [text for text in (read_text_file(p, errors) for p in files) if text]
@@ -317,12 +298,9 @@ def python_stdlib_corpus(max_files: int | None = 200) -> list[str]:
     return [read_text_file(p, errors="replace") for p in files]
 
 
-# ---------------------------------------------------------------------------------------------
 # Tokens: documents joined with special tokens, a token file, train/validation, batches.
 def encode_documents(docs: list[str], tokenizer, progress: bool = False) -> list[np.ndarray]:
     """Each document as <|begin_of_text|> tokens <|end_of_text|>."""
-    from tqdm.auto import tqdm
-
     dtype = np.uint16 if tokenizer.n_words <= 65536 else np.uint32
     return [np.asarray(tokenizer.encode(d, bos=True, eos=True), dtype=dtype)
             for d in tqdm(docs, desc="tokenizing", disable=not progress)]
@@ -331,9 +309,7 @@ def encode_documents(docs: list[str], tokenizer, progress: bool = False) -> list
 def write_token_file(encoded: list[np.ndarray], path) -> np.memmap:
     """Concatenate documents into a token file (atomically) and open it memory-mapped, so a
     large corpus is tokenized once and never held in memory."""
-    dtype = encoded[0].dtype if encoded else np.uint16
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    dtype, tmp = (encoded[0].dtype if encoded else np.uint16), Path(f"{path}.tmp")
     with open(tmp, "wb") as f:
         for doc in encoded:
             f.write(doc.astype(dtype).tobytes())
