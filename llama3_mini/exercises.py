@@ -270,3 +270,50 @@ def check_top_p(fn) -> bool:
         cases.append((torch.randn(vocab, generator=generator) * 2, p))
     cases.append((torch.randn(3, 20, generator=generator) * 2, 0.7))  # a batch: row by row
     return run_checks("top_p", fn, top_p_filter, cases)
+
+
+# --- Chapter 08: Llama 3.1's RoPE scaling --------------------------------------------------
+
+def _scaling_cases():
+    from .rope import rope_frequencies
+
+    cases = []
+    for head_dim, theta in ((32, 500000.0), (16, 10000.0), (128, 500000.0)):
+        for factor, low, high, original in ((8.0, 1.0, 4.0, 256), (8.0, 1.0, 4.0, 8192),
+                                            (32.0, 1.0, 4.0, 8192), (4.0, 2.0, 8.0, 64),
+                                            (1.0, 1.0, 4.0, 256)):
+            cases.append((rope_frequencies(head_dim, theta), factor, low, high, original))
+    return cases
+
+
+def check_rope_scaling(fn) -> bool:
+    """fn(freqs, scale_factor, low_freq_factor, high_freq_factor, original_max_seq_len) ->
+    the frequencies after Llama 3.1's scaling (three bands by wavelength)."""
+    from .rope import apply_scaling
+
+    def reference(freqs, factor, low, high, original):
+        return apply_scaling(freqs, factor, low, high, original)
+
+    return run_checks("rope_scaling", fn, reference, _scaling_cases())
+
+
+# --- Chapter 10: the entropy of choices ----------------------------------------------------
+
+def _entropy_cases():
+    import random
+
+    rng = random.Random(0)
+    names = ["Lily", "Tom", "Mia", "Ben", "Sam", "Anna", "Max", "Zoe"]
+    cases = [(["Lily"],), (["Lily", "Tom"],), (["Lily", "Lily", "Tom", "Mia"],), ([],),
+             (names,), (["Tom"] * 7 + ["Lily"],)]
+    cases += [([rng.choice(names[:k]) for _ in range(rng.randrange(1, 60))],)
+              for k in (2, 3, 5, 8) for _ in range(3)]
+    return cases
+
+
+def check_name_entropy(fn) -> bool:
+    """fn(names) -> entropy in bits of the empirical distribution of a list of names
+    (0.0 for an empty list)."""
+    from .experiments import name_entropy_bits
+
+    return run_checks("name_entropy", fn, name_entropy_bits, _entropy_cases())
