@@ -199,7 +199,7 @@ def attention_explorer(model, tokenizer, text: str, layer: int = 0, head: int = 
         "head": widgets.Dropdown(options=list(range(n_heads)), value=head, description="head"),
         "query": widgets.Dropdown(description="query token"),
     }
-    cache = {}
+    cache = {"query": query}
 
     def encode(text: str):
         if cache.get("text") != text:
@@ -208,9 +208,9 @@ def attention_explorer(model, tokenizer, text: str, layer: int = 0, head: int = 
                 raise ValueError("the text gives no tokens: type at least one character")
             cache.update(text=text, ids=ids, labels=token_labels(tokenizer, ids),
                          weights=attention_weights(model, torch.tensor(ids), device))
-            q = controls["query"]
+            q, first = controls["query"], cache.pop("query", None)  # asked-for query: 1st text
             q.options = [(f"{i}: {lab}", i) for i, lab in enumerate(cache["labels"])]
-            q.value = len(ids) - 1 if query is None or query >= len(ids) else query
+            q.value = len(ids) - 1 if first is None or first >= len(ids) else first
         return cache
 
     def update(w: Explorer) -> None:
