@@ -1,4 +1,4 @@
-"""Checkers whose chapters have no checker tests of their own (00, 04): each accepts a right
+"""Checkers whose chapters have no checker tests of their own (00, 04, 10): each accepts a right
 answer written here independently of the package, and rejects plausible wrong answers with
 a message naming the input, what came back and what was expected. Published parameter
 counts are Meta's (model cards / Hugging Face safetensors metadata)."""
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from llama3_mini.exercises import check_count_params, check_ffn_hidden_dim
+from llama3_mini.exercises import check_count_params, check_ffn_hidden_dim, check_name_entropy
 
 
 # ------------------------------------------------------------- chapter 00: counting parameters
@@ -86,3 +86,44 @@ def test_ffn_hidden_dim_rejects_plausible_mistakes_on_llama3_8b(capsys, mistake,
     out = capsys.readouterr().out
     assert f"✗ ffn_hidden_dim(4096, 1024, 1.3)\n  returned {returned}\n  expected 14336" in out
 
+
+
+# ------------------------------------------------------- chapter 10: the entropy of choices
+def entropy_by_hand(names, log=math.log2, distinct_only=False):
+    if not names:
+        return 0.0
+    counts = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    if distinct_only:  # as if every name seen were equally likely
+        return log(len(counts))
+    return -sum(c / len(names) * log(c / len(names)) for c in counts.values())
+
+
+def test_name_entropy_accepts_a_right_answer(capsys):
+    assert check_name_entropy(entropy_by_hand)
+    assert "✓ name_entropy: right on all" in capsys.readouterr().out
+
+
+def test_name_entropy_rejects_nats_for_bits(capsys):
+    assert not check_name_entropy(lambda names: entropy_by_hand(names, log=math.log))
+    out = capsys.readouterr().out
+    assert "✗ name_entropy(['Lily', 'Tom'])\n  returned 0.693" in out and "expected 1.0" in out
+
+
+def test_name_entropy_rejects_counting_distinct_names_only(capsys):
+    assert not check_name_entropy(lambda names: entropy_by_hand(names, distinct_only=True))
+    out = capsys.readouterr().out
+    # two Lilys, one Tom, one Mia: 1.5 bits, not log2(3) = 1.585
+    assert "✗ name_entropy(['Lily', 'Lily', 'Tom', 'Mia'])\n  returned 1.58" in out
+    assert "expected 1.5" in out
+
+
+def test_name_entropy_lets_a_crash_on_the_empty_list_through():
+    def divides_by_zero(names):
+        share = 1 / len(names)  # the learner forgot the empty list
+        return -sum(names.count(n) * share * math.log2(names.count(n) * share)
+                    for n in set(names))
+
+    with pytest.raises(ZeroDivisionError):
+        check_name_entropy(divides_by_zero)
