@@ -1,0 +1,155 @@
+"""Chapter 10: the grammar's bits by kind of choice, a model's bits on the same tokens,
+the graded grammaticality, copy accuracy, diversity, and the chapter's checker."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llama3_mini.data import NAMES, is_grammatical, make_stories
+from llama3_mini.exercises import check_name_entropy
+from llama3_mini.experiments import (
+    bits_by_kind,
+    choice_kind,
+    choice_spans,
+    copy_accuracy,
+    diversity,
+    grammatical_prefix,
+    name_entropy_bits,
+)
+from llama3_mini.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    text = "\n".join(s.text for s in make_stories(300, 0))
+    return Tokenizer.train(text, 700, progress=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_spans_add_up_to_the_story_and_show_the_options(seed):
+    story = make_stories(1, seed)[0]
+    spans = choice_spans(story)
+    assert len(spans) == len(story.choices)
+    assert abs(sum(b for *_, b in spans) - story.bits) < 1e-9
+    for (start, end, label, _), (label2, option) in zip(spans, story.choices, strict=True):
+        assert label == label2
+        if label in ("hero", "friend", "place", "color", "thing", "spot", "feeling"):
+            assert story.text[start:end] == option
+
+
+def test_spans_refuse_a_story_whose_choices_do_not_make_its_text():
+    story = make_stories(1, 3)[0]
+    story.text = story.text.replace(".", "!", 1)
+    with pytest.raises(ValueError, match="do not make its text"):
+        choice_spans(story)
+
+
+def test_choice_kinds():
+    assert choice_kind("hero") == choice_kind("friend") == "names"
+    assert choice_kind("place") == "places" and choice_kind("more") == "structure"
+    assert choice_kind("color") == "other words"
+
+
+def test_bits_by_kind_grammar_and_a_uniform_model(tokenizer):
+    stories = make_stories(12, 4)
+    grammar = bits_by_kind(None, tokenizer, stories)
+    assert abs(sum(v["grammar"] for v in grammar.values())
+               - sum(s.bits for s in stories) / len(stories)) < 1e-9
+    assert grammar["function words"]["grammar"] == 0.0
+
+    class Uniform(torch.nn.Module):  # every token costs log2(vocab) bits
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.zeros(*x.shape, tokenizer.n_words)
+
+    scored = bits_by_kind(Uniform(), tokenizer, stories)
+    n_predicted = sum(len(tokenizer.encode(s.text, bos=True, eos=True)) - 1 for s in stories)
+    expected = n_predicted * math.log2(tokenizer.n_words) / len(stories)
+    assert abs(sum(v["model"] for v in scored.values()) - expected) < 1e-6 * expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), cut=st.floats(0.05, 0.95))
+def test_grammatical_prefix(seed, cut):
+    text = make_stories(1, seed)[0].text
+    k = int(len(text) * cut)
+    assert grammatical_prefix(text) == 1.0
+    assert grammatical_prefix(text[:k]) == 1.0  # a prefix of a story is grammatical so far
+    broken = text[:k] + "\x00" + text[k:]  # a byte the grammar never writes
+    assert grammatical_prefix(broken) == pytest.approx(k / len(broken))
+    assert not is_grammatical(broken)
+    assert grammatical_prefix("") == 0.0
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts each story's true next token (right=True) or always token 0."""
+
+    def __init__(self, tokenizer, stories, right):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.n = tokenizer.n_words
+        self.right = right
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, self.n)
+        if self.right:
+            logits[0, :-1].scatter_(1, x[0, 1:, None], 1.0)  # position i predicts token i+1
+        else:
+            logits[..., 0] = 1.0
+        return logits
+
+
+def test_copy_accuracy_with_an_oracle_and_a_constant(tokenizer):
+    stories = make_stories(8, 9)
+    assert copy_accuracy(_Oracle(tokenizer, stories, True), tokenizer, stories) == 1.0
+    assert copy_accuracy(_Oracle(tokenizer, stories, False), tokenizer, stories) == 0.0
+
+
+@settings(max_examples=50, deadline=None)
+@given(counts=st.lists(st.integers(1, 20), min_size=1, max_size=8))
+def test_name_entropy_against_the_formula(counts):
+    names = [NAMES[i] for i, c in enumerate(counts) for _ in range(c)]
+    n = sum(counts)
+    expected = -sum(c / n * math.log2(c / n) for c in counts)
+    assert abs(name_entropy_bits(names) - expected) < 1e-9
+
+
+def test_diversity():
+    stories = [s.text for s in make_stories(40, 2)]
+    d = diversity(stories + stories[:10])
+    assert d["distinct"] == pytest.approx(40 / 50) and d["n"] == 50
+    heroes = [dict(reversed(s.choices))["hero"] for s in make_stories(40, 2)]
+    heroes += heroes[:10]
+    assert d["name_entropy"] == pytest.approx(name_entropy_bits(heroes))
+
+
+def test_checker_accepts_reference_and_rejects_wrong_answers(capsys):
+    def right(names):
+        n = len(names)
+        return -sum(names.count(x) / n * math.log2(names.count(x) / n) for x in set(names)) \
+            if n else 0.0
+
+    assert check_name_entropy(right)
+    assert check_name_entropy(name_entropy_bits)
+
+    def natural_log(names):
+        n = len(names)
+        return -sum(names.count(x) / n * math.log(names.count(x) / n) for x in set(names)) \
+            if n else 0.0
+
+    def log_of_distinct(names):  # as if every name seen were equally likely
+        return math.log2(len(set(names))) if names else 0.0
+
+    def crashes_on_empty(names):
+        return right(names) if names else float("nan")
+
+    capsys.readouterr()
+    for wrong in (natural_log, log_of_distinct, crashes_on_empty):
+        assert not check_name_entropy(wrong)
+        assert "✗ name_entropy(" in capsys.readouterr().out
