@@ -25,6 +25,10 @@ QUESTIONS = {
     "thing": "What thing is the story about?",
     "friend": "Who is the hero's friend?",
 }
+# Answers are short sentences. The fact in them is spelled as in the story (" Zoe", with
+# its space, is one token both there and here), so the model can copy it from the prompt.
+ANSWERS = {"hero": "The hero is {}.", "place": "It happens in {}.",
+           "thing": "It is about {}.", "friend": "The friend is {}."}
 
 
 def _a(word: str) -> str:
@@ -32,7 +36,7 @@ def _a(word: str) -> str:
 
 
 def story_answers(story) -> dict[str, str]:
-    """The right answer to each question, read from the story's recorded choices."""
+    """The fact each question asks for, read from the story's recorded choices."""
     first = {}
     for label, option in story.choices:
         first.setdefault(label, option)
@@ -53,7 +57,8 @@ class Example:
     story: str
     kind: str  # a key of QUESTIONS
     question: str
-    answer: str
+    answer: str  # the reply to learn, a sentence (ANSWERS)
+    fact: str  # what it states: "Zoe", "a cold pond", "a white doll"
 
     def dialog(self) -> list[dict]:
         return [{"role": "user", "content": f"{self.story}\n\n{self.question}"}]
@@ -68,7 +73,8 @@ def make_qa(n_stories: int, seed: int = 1, kinds=tuple(QUESTIONS),
     for story in make_stories(n_stories, seed):
         answers = story_answers(story)
         text = story.text if whole else story_opening(story)
-        out += [Example(text, k, QUESTIONS[k], answers[k]) for k in kinds]
+        out += [Example(text, k, QUESTIONS[k], ANSWERS[k].format(answers[k]), answers[k])
+                for k in kinds]
     return out
 
 
@@ -146,7 +152,7 @@ def finetune(model, encoded: list[tuple[list[int], int]], steps: int = 100,
             "trainable": sum(p.numel() for p in params)}
 
 
-def answer(model, tokenizer, chat, examples: list[Example], max_new_tokens: int = 8,
+def answer(model, tokenizer, chat, examples: list[Example], max_new_tokens: int = 20,
            batch_size: int = 32) -> list[str]:
     """The model's greedy answers, generation stopping at <|eot_id|>."""
     from .generate import generate

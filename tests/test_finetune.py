@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from llama3_mini.config import ModelArgs
 from llama3_mini.data import is_grammatical, parse_story
 from llama3_mini.finetune import (
+    ANSWERS,
     IGNORE,
     QUESTIONS,
     encode_example,
@@ -102,10 +103,11 @@ def test_answers_are_the_stories_own_choices_and_lie_in_the_opening():
         assert is_grammatical(w.story)
         assert w.story.startswith(o.story) and len(o.story) < len(w.story) / 2
         assert w.answer == o.answer and w.question == o.question == QUESTIONS[w.kind]
-        assert o.answer in o.story, (o.kind, o.answer)
+        assert o.answer == ANSWERS[o.kind].format(o.fact)
+        assert o.fact in o.story, (o.kind, o.fact)
         choices = parse_story(w.story).choices  # the parser's reading of the text
         hero = next(v for k, v in choices if k == "hero")
-        assert (w.kind != "hero") or w.answer == hero
+        assert (w.kind != "hero") or w.fact == hero
 
 
 def test_encoded_example_is_the_chat_prompt_then_the_answer_then_eot():
