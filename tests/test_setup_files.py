@@ -1,8 +1,7 @@
 """The two ways to install must not drift apart, and CI must call the README's command."""
 import re
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
