@@ -8,6 +8,7 @@ import tiktoken.load
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_support import attention_configs, one_thread, random_model  # noqa: F401
 
 from llama3_mini.checkpoint import to_hf_model
 from llama3_mini.config import ModelArgs
@@ -20,7 +21,6 @@ from llama3_mini.generate import (
     top_p_filter,
 )
 from llama3_mini.kv_cache import make_cache
-from llama3_mini.model import Transformer
 
 transformers = pytest.importorskip("transformers")
 from transformers.generation.logits_process import (  # noqa: E402
@@ -30,38 +30,7 @@ from transformers.generation.logits_process import (  # noqa: E402
 )
 
 V = 97
-CONFIGS = {
-    "gqa": ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=V,
-                     multiple_of=32, max_seq_len=96),
-    "mqa": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=V,
-                     multiple_of=32, max_seq_len=96),
-    "mha": ModelArgs(dim=48, n_layers=2, n_heads=4, vocab_size=V, multiple_of=32,
-                     max_seq_len=96, rope_theta=10000.0),
-    "gqa-scaled-rope": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=V,
-                                 multiple_of=32, max_seq_len=96, use_scaled_rope=True,
-                                 rope_scaling_factor=4.0, rope_original_max_seq_len=16),
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode fastest on one thread (and far faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_model(args, seed=0):
-    torch.manual_seed(seed)
-    model = Transformer(args).eval()
-    with torch.no_grad():  # larger weights than the init: peaked, well separated logits
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.08)
-    return model
+CONFIGS = attention_configs(max_seq_len=96, vocab_size=V)
 
 
 def prompt_of(length, seed):

@@ -4,43 +4,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_support import attention_configs, one_thread, random_model  # noqa: F401
 
-from llama3_mini.config import ModelArgs, get_preset, kv_cache_bytes
+from llama3_mini.config import get_preset, kv_cache_bytes
 from llama3_mini.kv_cache import KVCache, make_cache
 from llama3_mini.model import Transformer
 
-CONFIGS = {
-    "gqa": ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=97,
-                     multiple_of=32, max_seq_len=48),
-    "mqa": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=97,
-                     multiple_of=32, max_seq_len=48),
-    "mha": ModelArgs(dim=48, n_layers=2, n_heads=4, vocab_size=97, multiple_of=32,
-                     max_seq_len=48, rope_theta=10000.0),
-    "gqa-scaled-rope": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97,
-                                 multiple_of=32, max_seq_len=48, use_scaled_rope=True,
-                                 rope_scaling_factor=4.0, rope_original_max_seq_len=16),
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode fastest on one thread (and far faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_model(args, seed=0):
-    torch.manual_seed(seed)
-    model = Transformer(args).eval()
-    with torch.no_grad():  # larger weights than the init, so logits differ visibly
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.08)
-    return model
+CONFIGS = attention_configs(max_seq_len=48)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

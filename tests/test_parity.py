@@ -5,6 +5,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # a test dependency: always installed by make
 
+from model_support import randomize_  # noqa: E402
+
 from llama3_mini.checkpoint import (  # noqa: E402
     args_from_hf_config,
     from_hf_state_dict,
@@ -35,14 +37,7 @@ def random_hf_model(hidden, heads, kv_heads, intermediate, theta, scaling, tied,
         vocab_size=97, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
         rms_norm_eps=1e-5, rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=tied)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # larger random weights than the init, and norms away from 1
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.08)
-    return model
+    return randomize_(transformers.LlamaForCausalLM(config).eval())
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
