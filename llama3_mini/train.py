@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -25,7 +26,18 @@ from .config import ModelArgs
 from .data import TokenData, batch_at
 from .model import Transformer, pick_device
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+def _assets_folder() -> Path:
+    """The pretrained models' folder: the package data `llama3_mini.assets`, which is the
+    checkout's top-level assets/ in an editable install and a folder inside the installed
+    package from a wheel."""
+    try:
+        return Path(str(resources.files("llama3_mini.assets")))
+    except ModuleNotFoundError:  # a checkout put on sys.path by hand, never installed
+        return Path(__file__).resolve().parent.parent / "assets"
+
+
+ASSETS = _assets_folder()
 
 
 @dataclass
@@ -154,12 +166,47 @@ def latest_checkpoint(out_dir) -> Path | None:
     return Path(out_dir) / pointer.read_text().strip()
 
 
-def load_pretrained(device=None, folder=None):
-    """The course's small model pretrained on the story corpus, and its tokenizer, from
-    assets/ (made by `make assets`): (model, tokenizer)."""
+def pretrained_models() -> list[str]:
+    """The names `load_pretrained` accepts: the asset folders that hold a model."""
+    if not ASSETS.is_dir():
+        return []
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "model.safetensors").is_file())
+
+
+def _is_device(value) -> bool:
+    if isinstance(value, torch.device):
+        return True
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def load_pretrained(name="story-model", device=None, folder=None):
+    """One of the course's small pretrained models and its tokenizer: (model, tokenizer).
+
+    `name` picks a folder of the package's assets (made by `make assets`): "story-model",
+    trained on the story corpus, is the default; `pretrained_models()` lists them all.
+    `folder` loads a folder of the same layout from anywhere instead. The model is in eval
+    mode, on `device` (default: CUDA, then Apple MPS, then the CPU).
+
+        model, tokenizer = load_pretrained()                      # the story model
+        model, tokenizer = load_pretrained("byte-model", device="cpu")"""
     from .tokenizer import Tokenizer
 
-    folder = Path(folder or ASSETS / "story-model")
+    name = "story-model" if name is None else name
+    if folder is None and device is None and name not in pretrained_models() \
+            and _is_device(name):
+        name, device = "story-model", name  # load_pretrained(device), the older call
+    if folder is None:
+        available = pretrained_models()
+        if name not in available:
+            raise FileNotFoundError(
+                f"no pretrained model {name!r} in {ASSETS}; the available models are: "
+                f"{', '.join(available) or 'none'} (`make assets` makes them in a checkout)")
+        folder = ASSETS / name
+    folder = Path(folder)
     if not (folder / "model.safetensors").exists():
         raise FileNotFoundError(f"no pretrained model in {folder}; run `make assets` to make it")
     model, info = load_model(folder, device)

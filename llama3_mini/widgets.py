@@ -11,10 +11,15 @@ from __future__ import annotations
 import io
 import math
 
-import ipywidgets as widgets
 import numpy as np
 import torch
-from matplotlib.figure import Figure
+
+try:  # the course extra: the package itself runs without them
+    import ipywidgets as widgets
+    from matplotlib.figure import Figure
+except ImportError as error:
+    raise ImportError(f"llama3_mini.widgets needs {error.name}, part of the course extra: "
+                      "pip install 'llama3-mini[course]'") from error
 
 from .config import GiB, get_preset, kv_cache_bytes, weight_bytes
 from .model import pick_device

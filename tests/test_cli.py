@@ -1,6 +1,7 @@
 """The `llama3-mini` command, each subcommand end to end on a tiny budget."""
 import subprocess
 import sys
+from importlib.metadata import version
 
 import pytest
 
@@ -24,6 +25,22 @@ def test_the_installed_entry_point_runs():
                          capture_output=True, text=True).stdout
     for command in ("train-tokenizer", "train", "generate", "info"):
         assert command in out
+
+
+def test_version_and_python_dash_m(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"llama3-mini {version('llama3-mini')}\n"
+    out = subprocess.run([sys.executable, "-m", "llama3_mini", "info", "--preset", "tiny"],
+                         check=True, capture_output=True, text=True).stdout
+    assert out.splitlines()[1].startswith("tiny")
+
+
+def test_generate_names_the_pretrained_models_for_an_unknown_one(capsys):
+    assert main(["generate", "--model", "nope", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "no pretrained model 'nope'" in err and "story-model" in err
 
 
 def test_train_tokenizer_train_generate_end_to_end(tmp_path, capsys):

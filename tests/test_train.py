@@ -241,3 +241,22 @@ def test_lr_schedule_checker_accepts_the_reference_and_names_wrong_cases(capsys)
         assert not check_lr_schedule(wrong)
         out = capsys.readouterr().out
         assert f"✗ {case}" in out and "expected" in out, out
+
+
+def test_load_pretrained_by_name_from_the_package_data():
+    import llama3_mini
+    from llama3_mini.train import ASSETS, load_pretrained, pretrained_models
+
+    assert "story-model" in pretrained_models()
+    if Path(llama3_mini.__file__).resolve().is_relative_to(ROOT):  # editable: the checkout's
+        assert ASSETS.resolve() == (ROOT / "assets").resolve()
+    model, tokenizer = load_pretrained(device="cpu")
+    assert not model.training and model.params.vocab_size == tokenizer.n_words
+    named, _ = load_pretrained("story-model", device="cpu")
+    older, _ = load_pretrained("cpu")  # the first argument was the device before names
+    for other in (named, older):
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                      other.state_dict().values(), strict=True))
+    with pytest.raises(FileNotFoundError, match="no pretrained model 'nope'.* available "
+                                                "models are: .*story-model"):
+        load_pretrained("nope")
