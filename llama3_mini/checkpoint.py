@@ -1,4 +1,5 @@
-"""Checkpoints: our names <-> Hugging Face's, and (below) loading and saving.
+"""Checkpoints: our names <-> Hugging Face's (tensors, config.json, tokenizer.json), and our
+own folders (config.json marked "format": "llama3-mini", model.safetensors), saved and loaded.
 
 Meta's checkpoints and ours share names (`layers.0.attention.wq.weight`). Hugging Face
 renames every tensor and, for queries and keys, reorders rows: Meta rotates adjacent
@@ -6,6 +7,11 @@ dimension pairs (0,1), (2,3), ... while Hugging Face's `rotate_half` pairs dimen
 i + head_dim/2. `permute_to_hf` / `permute_from_hf` move rows between the two layouts, per
 head, so that both models compute the same attention."""
 from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -101,20 +107,24 @@ def hf_config(args: ModelArgs, **extra):
     """A transformers `LlamaConfig` describing the same model as `args`."""
     from transformers import LlamaConfig  # a test/interop dependency, imported when needed
 
-    rope_scaling = None
-    if args.use_scaled_rope:
-        rope_scaling = {"rope_type": "llama3", "factor": args.rope_scaling_factor,
-                        "low_freq_factor": args.rope_low_freq_factor,
-                        "high_freq_factor": args.rope_high_freq_factor,
-                        "original_max_position_embeddings": args.rope_original_max_seq_len}
     return LlamaConfig(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
         num_key_value_heads=args.kv_heads, head_dim=args.head_dim, hidden_act="silu",
         max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
-        rope_theta=args.rope_theta, rope_scaling=rope_scaling,
+        rope_theta=args.rope_theta, rope_scaling=hf_rope_scaling(args),
         tie_word_embeddings=args.tie_word_embeddings, attention_bias=False, mlp_bias=False,
         **extra)
+
+
+def hf_rope_scaling(args: ModelArgs) -> dict | None:
+    """Llama 3.1's RoPE scaling as Hugging Face's config writes it (None when off)."""
+    if not args.use_scaled_rope:
+        return None
+    return {"rope_type": "llama3", "factor": args.rope_scaling_factor,
+            "low_freq_factor": args.rope_low_freq_factor,
+            "high_freq_factor": args.rope_high_freq_factor,
+            "original_max_position_embeddings": args.rope_original_max_seq_len}
 
 
 def args_from_hf_config(config) -> ModelArgs:
@@ -168,3 +178,209 @@ def from_hf_model(hf_model):
     model = Transformer(args).to(next(hf_model.parameters()).dtype)
     model.load_state_dict(from_hf_state_dict(hf_model.state_dict(), args))
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Our own folders: config.json ({"format": "llama3-mini", "model_args": ..., ...}) and
+# model.safetensors in our names, written under a temporary name and renamed when complete.
+FORMAT = "llama3-mini"  # config.json's mark: a Hugging Face config says "model_type": "llama"
+
+
+def is_our_config(config: dict) -> bool:
+    """True for a config.json that save_model or the trainer wrote (older ones lack the
+    "format" mark but hold "model_args"); False for a Hugging Face one."""
+    return config.get("format") == FORMAT or "model_args" in config
+
+
+def model_weights(model, dtype=None) -> dict:
+    """The state dict to save: on the CPU, contiguous, without the tied output layer."""
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    if model.params.tie_word_embeddings:
+        state.pop("output.weight")  # the same tensor as tok_embeddings.weight
+    return state
+
+
+def replace_dir(tmp: Path, folder: Path) -> None:
+    """Make the complete folder `tmp` become `folder` (flushed to disk, then renamed)."""
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if folder.exists():
+        old = folder.with_name(f".old-{folder.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, folder)
+
+
+def save_model(model, folder, dtype=None, **info) -> Path:
+    """Weights (safetensors) and config.json (model args plus `info`) into `folder`,
+    atomically: written beside it under a temporary name, then renamed."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(model_weights(model, dtype), str(tmp / "model.safetensors"))
+    config = {"format": FORMAT, "model_args": model.params.to_dict(), **info}
+    (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    replace_dir(tmp, folder)
+    return folder
+
+
+def load_model(folder, device=None, dtype=torch.float32):
+    """A model saved by `save_model` (or a training checkpoint) and its config.json:
+    (model, info). A damaged or half-written model.safetensors is named, not a traceback."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .model import Transformer, pick_device
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json: not a checkpoint folder")
+    info = json.loads((folder / "config.json").read_text())
+    if not is_our_config(info):
+        raise ValueError(f"{folder}/config.json is not a llama3-mini checkpoint (no "
+                         "'model_args'); load Hugging Face or Meta folders with "
+                         "llama3_mini.hub.Llama.from_pretrained")
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{folder} has config.json but no model.safetensors")
+    try:
+        state = {k: v.to(dtype) for k, v in load_file(str(weights)).items()}
+    except SafetensorError as e:
+        raise ValueError(f"{weights} is damaged or incomplete ({e}); it was not written to the "
+                         f"end: use another checkpoint of the run, or train again") from None
+    model = Transformer(ModelArgs.from_dict(info["model_args"]))
+    if model.params.tie_word_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state)
+    return model.to(pick_device(device)), info
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    """The newest complete checkpoint under out_dir, or None."""
+    pointer = Path(out_dir) / "latest"
+    if not pointer.exists():
+        return None
+    return Path(out_dir) / pointer.read_text().strip()
+
+
+def load_checkpoint(folder, device=None, dtype=torch.float32):
+    """A course checkpoint and its tokenizer: (model in eval mode, Tokenizer, info). A
+    training run's folder (one with `latest`) gives its newest checkpoint. The tokenizer is
+    the file config.json names, else one of that name beside the checkpoint or its run."""
+    from .tokenizer import Tokenizer
+
+    folder = Path(folder)
+    if (folder / "latest").exists():
+        folder = latest_checkpoint(folder)
+    model, info = load_model(folder, device, dtype)
+    named = Path(info.get("tokenizer") or "tokenizer.tiktoken")
+    candidates = [named if named.is_absolute() else folder / named,
+                  folder / named.name, folder.parent / named.name]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"the checkpoint's tokenizer {candidates[0]} is missing")
+    return model.eval(), Tokenizer.load(path), info
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: a folder that Hugging Face's `transformers` (and any tool reading its folders) loads
+# with LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained.
+# Meta-Llama-3-8B-Instruct's chat template: the same ids as tokenizer.ChatFormat.
+CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | "
+    "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>"
+    "assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, which tokenizer.json vocabularies use:
+    printable bytes stand for themselves, the others for chr(256 + n) (b' ' -> 'Ġ')."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(others)) for b in range(256)}
+
+
+def tokenizer_json(tokenizer) -> dict:
+    """Our tokenizer as a `tokenizers` byte-level BPE (the tokenizer.json of Meta's Hugging
+    Face folders). A token's id is its rank; the merges are every split of a token into two
+    tokens, ordered by the token's rank (as transformers converts tiktoken files), so that
+    BPE merges in tiktoken's order. {b"ab": 256} -> vocab {"a": 97, ..., "ab": 256},
+    merges ["a b"]."""
+    chars = bytes_to_unicode()
+    ranks = tokenizer.mergeable_ranks
+
+    def text(token: bytes) -> str:
+        return "".join(chars[b] for b in token)
+
+    merges = []
+    for token in sorted(ranks, key=ranks.get):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))
+                  if token[:i] in ranks and token[i:] in ranks]
+        merges += sorted(splits, key=lambda s: (ranks[s[0]], ranks[s[1]]))
+    special = [{"id": i, "content": name, "single_word": False, "lstrip": False,
+                "rstrip": False, "normalized": False, "special": True}
+               for name, i in tokenizer.special_tokens.items()]
+    bos = "<|begin_of_text|>"
+    template = {"type": "TemplateProcessing",  # encode(text) starts with <|begin_of_text|>
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                         {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}}}
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                  "use_regex": False}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated",
+             "invert": False}, byte_level]},
+        "post_processor": {"type": "Sequence", "processors": [
+            {**byte_level, "trim_offsets": False}, template]},
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": True,  # a piece that is a token is taken whole (tiktoken)
+                  "vocab": {text(t): r for t, r in ranks.items()},
+                  "merges": [f"{text(a)} {text(b)}" for a, b in merges]}}
+
+
+def ranks_from_tokenizer_json(path) -> tuple[dict[bytes, int], dict[str, int]]:
+    """Hugging Face's tokenizer.json -> (mergeable ranks as tiktoken keeps them, special
+    tokens). In a byte-level BPE a token's id is its merge rank, so no merge is needed."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    decode = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {bytes(decode[c] for c in token): i for token, i in data["model"]["vocab"].items()}
+    special = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
+    return ranks, special
+
+
+def hf_config_dict(args: ModelArgs, tokenizer=None, dtype=torch.float32) -> dict:
+    """config.json of a Hugging Face Llama folder, in the fields Meta's own folders write."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "vocab_size": args.vocab_size, "hidden_size": args.dim,
+              "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+              "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads,
+              "head_dim": args.head_dim, "hidden_act": "silu",
+              "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
+              "rope_theta": args.rope_theta, "rope_scaling": hf_rope_scaling(args),
+              "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False,
+              "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."),
+              "use_cache": True}
+    if tokenizer is not None:
+        config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    return config

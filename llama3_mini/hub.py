@@ -12,8 +12,10 @@ Hugging Face's format (what `huggingface-cli download meta-llama/...` gives):
     tokenizer.json          the same BPE, as Hugging Face's tokenizers library stores it
                             (and often original/tokenizer.model, Meta's file)
 
-(The folder loaders live here rather than in checkpoint.py, which holds the name mapping
-and our own save/load, to keep each module short.)"""
+The course's own folders (config.json with "model_args") load here too, and `save_hf` /
+`export_hf` write a course model as a Hugging Face folder. (The folder loaders and writers
+live here rather than in checkpoint.py, which holds the name mapping and our own save/load,
+to keep each module short.)"""
 from __future__ import annotations
 
 import json
@@ -24,7 +26,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import args_from_hf_config, from_hf_state_dict
+from .checkpoint import (
+    CHAT_TEMPLATE,
+    FORMAT,
+    args_from_hf_config,
+    from_hf_state_dict,
+    hf_config_dict,
+    is_our_config,
+    load_checkpoint,
+    model_weights,
+    ranks_from_tokenizer_json,
+    to_hf_state_dict,
+    tokenizer_json,
+)
 from .config import ModelArgs
 from .model import Transformer, pick_device
 from .rope import freqs_cis_for
@@ -211,41 +225,28 @@ def load_hf(folder, device=None, dtype=None, max_seq_len: int | None = None) -> 
 
 
 def detect_format(folder) -> str:
-    """'meta' or 'hf', from the files a folder holds."""
+    """'meta', 'hf' or 'llama3-mini' (the course's own), from what a folder holds: Meta's
+    params.json; a config.json that says "model_type": "llama" (Hugging Face's) or carries
+    the course's mark (`checkpoint.is_our_config`); or a training run's `latest`."""
     folder = Path(folder)
     if (folder / "params.json").exists() and any(folder.glob(META_WEIGHTS)):
         return "meta"
     if (folder / "config.json").exists():
-        return "hf"
+        config = json.loads((folder / "config.json").read_text())
+        if is_our_config(config):
+            return FORMAT
+        if config.get("model_type") == "llama":
+            return "hf"
+        raise ValueError(f"{folder}/config.json is neither a Hugging Face Llama config "
+                         f"(model_type {config.get('model_type')!r}, not 'llama') nor a "
+                         "llama3-mini checkpoint's (no 'model_args')")
+    if (folder / "latest").exists():
+        return FORMAT
     if (folder / "original" / "params.json").exists():
         return "meta"
     raise FileNotFoundError(f"{folder} holds neither a Meta checkpoint (params.json + "
                             f"{META_WEIGHTS}) nor a Hugging Face one (config.json + "
-                            "model.safetensors)")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte, which tokenizer.json vocabularies use."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def ranks_from_tokenizer_json(path) -> tuple[dict[bytes, int], dict[str, int]]:
-    """Hugging Face's tokenizer.json -> (mergeable ranks as tiktoken keeps them, special
-    tokens). In a byte-level BPE a token's id is its merge rank, so no merge is needed."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    decode = {c: b for b, c in _bytes_to_unicode().items()}
-    ranks = {bytes(decode[c] for c in token): i for token, i in data["model"]["vocab"].items()}
-    special = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
-    return ranks, special
+                            "model.safetensors) nor a llama3-mini one")
 
 
 def find_tokenizer(folder) -> Path | None:
@@ -291,6 +292,49 @@ def resolve(path_or_repo) -> Path:
             "and pass their folder.") from None
 
 
+def save_hf(model: Transformer, folder, tokenizer=None, dtype=None) -> Path:
+    """Write a model (and its tokenizer) as a Hugging Face folder: config.json,
+    generation_config.json, model.safetensors in Hugging Face's names (q/k rows permuted),
+    and tokenizer.json + tokenizer_config.json with the special tokens and the chat template.
+    `LlamaForCausalLM.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`
+    load it; dtype (default: the model's) is the dtype the weights are stored in."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or next(model.parameters()).dtype
+    state = to_hf_state_dict(model_weights(model, dtype), model.params)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = hf_config_dict(model.params, tokenizer, dtype)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is None:
+        return folder
+    stops = [tokenizer.eos_id, tokenizer.eot_id]  # where our `generate` stops
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops}, indent=2))
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokenizer),
+                                                      ensure_ascii=False), encoding="utf-8")
+    added = {str(i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": True}
+             for name, i in tokenizer.special_tokens.items()}
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": added, "bos_token": "<|begin_of_text|>",
+         "eos_token": "<|end_of_text|>", "chat_template": CHAT_TEMPLATE,
+         "clean_up_tokenization_spaces": False,  # decode gives the text back, spaces and all
+         "model_input_names": ["input_ids", "attention_mask"],
+         "model_max_length": model.params.max_seq_len,
+         "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2, ensure_ascii=False))
+    return folder
+
+
+def export_hf(checkpoint, out_dir, dtype=None) -> Path:
+    """A course checkpoint (or a training run's folder: its newest checkpoint) -> a Hugging
+    Face folder (`save_hf`); what `llama3-mini export CHECKPOINT OUT_DIR` does."""
+    model, tokenizer, _ = load_checkpoint(checkpoint, device="cpu")
+    return save_hf(model, out_dir, tokenizer, dtype)
+
+
 class Llama:
     """A model and its tokenizer, loaded from either format: `Llama.from_pretrained(path)`."""
 
@@ -300,10 +344,14 @@ class Llama:
     @classmethod
     def from_pretrained(cls, path_or_repo, device=None, dtype=None,
                         max_seq_len: int | None = 8192) -> "Llama":
-        """Load a folder in Meta's or Hugging Face's format (detected from its files).
+        """Load a folder in Meta's, Hugging Face's or the course's own format (see
+        `detect_format`).
         max_seq_len bounds the RoPE table and the cache; Llama 3.2 allows 131072."""
         folder = resolve(path_or_repo)
         fmt = detect_format(folder)
+        if fmt == FORMAT:
+            model, tokenizer, _ = load_checkpoint(folder, device, dtype or torch.float32)
+            return cls(model, tokenizer, source=f"{fmt}:{folder}")
         if fmt == "meta":
             weights = folder if (folder / "params.json").exists() else folder / "original"
             model = load_meta(weights, device, dtype, max_seq_len)
