@@ -1,9 +1,10 @@
-"""The `llama3-mini` command: train-tokenizer, train, generate, info.
+"""The `llama3-mini` command: train-tokenizer, train, generate, info, export.
 
     llama3-mini train-tokenizer --out runs/tok.tiktoken      # BPE on the story corpus
     llama3-mini train --out-dir runs/story --steps 300       # a model on the stories
     llama3-mini generate --checkpoint runs/story --prompt "Once upon a time"
     llama3-mini info --seq-len 8192                          # presets, params, KV cache
+    llama3-mini export runs/story runs/story-hf              # a Hugging Face folder
     python -m llama3_mini info                               # any command, the same way
     torchrun --nproc_per_node=8 -m llama3_mini.cli train ... # the same on 8 GPUs"""
 from __future__ import annotations
@@ -115,21 +116,13 @@ def cmd_train(args) -> None:
 
 
 def _load(args):
-    from .tokenizer import Tokenizer
-    from .train import latest_checkpoint, load_model, load_pretrained
+    from .checkpoint import load_checkpoint
+    from .train import load_pretrained
 
     if args.checkpoint is None:
         return load_pretrained(args.model, device=args.device)
-    folder = Path(args.checkpoint)
-    if (folder / "latest").exists():  # a training run's folder: its newest checkpoint
-        folder = latest_checkpoint(folder)
-    model, info = load_model(folder, device=args.device)
-    tok_path = Path(info.get("tokenizer") or "")
-    if not tok_path.is_absolute():
-        tok_path = folder / tok_path
-    if not tok_path.is_file():
-        raise SystemExit(f"error: the checkpoint's tokenizer {tok_path} is missing")
-    return model.eval(), Tokenizer.load(tok_path)
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device)
+    return model, tokenizer
 
 
 def cmd_generate(args) -> None:
@@ -157,6 +150,16 @@ def cmd_info(args) -> None:
         a = get_preset(name)
         print(f"{name:<14}{num_params(a):>16,}{weight_bytes(a, args.dtype) / GiB:>14.3f} GiB"
               f"{kv_cache_bytes(a, args.seq_len, args.batch_size, args.dtype) / GiB:>16.3f} GiB")
+
+
+def cmd_export(args) -> None:
+    import torch
+
+    from .hub import export_hf
+
+    out = export_hf(args.checkpoint, args.out_dir, dtype=getattr(torch, args.dtype))
+    print(f"wrote {out}: load it with transformers' LlamaForCausalLM.from_pretrained({str(out)!r})"
+          " and AutoTokenizer.from_pretrained(...)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a training run's (its newest)")
+    p.add_argument("out_dir", help="the Hugging Face folder to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the dtype the weights are stored in")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
