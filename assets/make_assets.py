@@ -1,9 +1,12 @@
-"""Make the course's pretrained asset (`make assets`): a BPE tokenizer and a small Llama 3
-trained on the story corpus, deterministically, in about ten to twenty minutes on a CPU.
+"""Make the course's pretrained assets (`make assets`), deterministically, on a CPU:
 
-Writes assets/story-model/: model.safetensors (float16), config.json, tokenizer.tiktoken,
-card.json and README.md (the card). Later chapters load it with
-`llama3_mini.train.load_pretrained()`."""
+- assets/story-model/: a BPE tokenizer and a small Llama 3 trained on the story corpus (ten
+  to twenty minutes); chapters 03 and 06 on load it with `load_pretrained()`;
+- assets/byte-model/: a byte-level Llama 3 that has memorised one paragraph about llamas
+  (under a minute); chapter 05 generates with it: `load_pretrained("byte-model")`.
+
+Each folder holds model.safetensors (float16), config.json, tokenizer.tiktoken, card.json and
+README.md (the card). `--only byte-model` remakes one of them."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +46,75 @@ def model_args(n_words: int):
                                       vocab_size=n_words)
 
 
+# Chapter 05's paragraph: sentences that share beginnings ("The llama " goes on with "eats",
+# "sleeps", "walks" or "emoji"), so the next-token distributions are split, plus an emoji and
+# Chinese characters, whose UTF-8 bytes are several tokens each.
+BYTE_TEXT = ("The llama eats grass on the hill. The alpaca sleeps in the barn. The llama walks "
+             "to the river at dawn. The alpaca eats hay. The llama sleeps on the hill. The llama "
+             "emoji is 🦙. A llama says hello, 你好! The alpaca walks to the barn at night. ")
+BYTE_STEPS, BYTE_WINDOW = 300, 128
+
+
+def byte_model(out: Path, threads: int) -> None:
+    """A byte-level tokenizer (256 byte tokens, then Llama 3's special tokens) and a 0.9M-
+    parameter Llama 3 (4 layers, 4 query heads, 2 KV heads) trained to memorise BYTE_TEXT.
+    Every training window starts with <|begin_of_text|> at the start of a sentence, as every
+    prompt in chapter 05 does: a model that never saw that token after training would not
+    know what follows it."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tok = Tokenizer({bytes([b]): b for b in range(256)})
+    text = BYTE_TEXT * 4
+    data = torch.tensor(tok.encode(text))
+    starts = [i for i in range(len(text.encode()) - BYTE_WINDOW)
+              if i == 0 or text.encode()[i - 2:i] in (b". ", b"! ")]
+    args = get_preset("tiny").replace(dim=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                                      vocab_size=tok.n_words, multiple_of=32)
+    model = Transformer(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    bos = torch.full((16, 1), tok.bos_id)
+    start = time.perf_counter()
+    for step in range(BYTE_STEPS):
+        i = torch.tensor(starts)[torch.randint(0, len(starts), (16,), generator=g)]
+        window = torch.stack([data[j:j + BYTE_WINDOW] for j in i])  # (16, 128) bytes
+        x = torch.cat([bos, window[:, :-1]], dim=1)  # <|begin_of_text|>, then the sentence
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), window.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == BYTE_STEPS - 1:
+            print(f"byte-model step {step}: loss {loss.item():.4f} nats per byte", flush=True)
+    seconds = time.perf_counter() - start
+    work = out.with_name(".make-byte-model")
+    save_model(model, work, dtype=torch.float16, tokenizer="tokenizer.tiktoken")
+    tok.save(work / "tokenizer.tiktoken")
+    card = {"model_args": args.to_dict(), "parameters": num_params(args),
+            "weights_dtype": "float16", "corpus": "BYTE_TEXT in assets/make_assets.py",
+            "text": BYTE_TEXT, "steps": BYTE_STEPS, "batch_size": 16,
+            "window": f"<|begin_of_text|> + {BYTE_WINDOW - 1} bytes from a sentence start",
+            "optimizer": "AdamW lr 3e-3, no weight decay, no schedule",
+            "final_train_loss_nats": round(loss.item(), 4), "training_seconds": round(seconds, 1),
+            "torch_threads": threads}
+    (work / "card.json").write_text(json.dumps(card, indent=1, ensure_ascii=False))
+    (work / "README.md").write_text(f"""# byte-model: chapter 05's model
+
+A Llama 3 architecture ({card['parameters']:,} parameters: dim 128, 4 layers, 4 query heads,
+2 KV heads) with a byte-level vocabulary (256 bytes + 256 special tokens), trained by
+`make assets` (assets/make_assets.py, `byte_model`) for {BYTE_STEPS} steps of 16 windows to
+memorise one paragraph:
+
+> {BYTE_TEXT.strip()}
+
+Every window starts with `<|begin_of_text|>` at a sentence start. Final training loss
+{card['final_train_loss_nats']} nats per byte; {card['training_seconds']} s on
+{threads} CPU thread(s). Weights in float16.
+Load with `model, tokenizer = llama3_mini.train.load_pretrained("byte-model")`.
+""")
+    shutil.rmtree(out, ignore_errors=True)
+    work.rename(out)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=600)
@@ -51,7 +123,13 @@ def main(argv=None) -> None:
                              "(1 is also the fastest on a shared 2-core machine)")
     parser.add_argument("--out", default=str(ROOT / "assets" / "story-model"))
     parser.add_argument("--samples", type=int, default=40, help="samples to score")
+    parser.add_argument("--only", choices=["story-model", "byte-model"],
+                        help="remake only this asset (default: both)")
     args = parser.parse_args(argv)
+    if args.only != "story-model":
+        byte_model(Path(args.out).with_name("byte-model"), args.threads)
+    if args.only == "byte-model":
+        return
     torch.set_num_threads(args.threads)  # the same arithmetic, so the same weights
     torch.manual_seed(0)
     work = Path(args.out).with_name(".make-assets")

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 FIRST = ROOT / "notebooks" / "00_llama3_at_a_glance.ipynb"
 PROBE = "import llama3_mini, sys; print(llama3_mini.__file__); print(sys.prefix)"
-NOT_INSTALLED = "Not installed: clone the course"
+NOT_INSTALLED = "Not importable yet: restart the kernel"
 # Variables that would put the checkout on a kernel's path or send pip elsewhere.
 UNSET = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PIP_USER", "PIP_TARGET", "PIP_PREFIX",
          "PIP_REQUIRE_VIRTUALENV")
