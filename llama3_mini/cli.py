@@ -10,11 +10,26 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
 STORY_VOCAB = 960  # BPE ranks: the story corpus has no pair left to merge beyond ~964
+
+
+def _positive(kind):
+    """An argparse type: a number of `kind` above 0 (`--steps -5` is a usage error)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a {'whole ' * (kind is int)}number "
+                                             f"above 0, got {text!r}")
+        return value
+    return parse
 
 
 def _corpus(args) -> tuple[list[str], object]:
@@ -27,7 +42,10 @@ def _corpus(args) -> tuple[list[str], object]:
     if args.corpus == "stdlib":
         return data.python_stdlib_corpus(args.max_files), None
     errors = "replace" if args.replace_bad_bytes else "strict"
-    return data.read_text_corpus(args.corpus, errors=errors, max_files=args.max_files), None
+    docs = data.read_text_corpus(args.corpus, errors=errors, max_files=args.max_files)
+    if not any(d.strip() for d in docs):
+        raise ValueError(f"{args.corpus} is empty (or only white space): no text to train on")
+    return docs, None
 
 
 def _add_corpus_args(p) -> None:
@@ -91,14 +109,25 @@ def cmd_train(args) -> None:
     token_file = out_dir / f"train.rank{os.environ.get('RANK', '0')}.bin"
     data = prepare_data(docs, tokenizer, args.seq_len, args.val_fraction, token_file=token_file,
                         floor=floor, progress=not args.quiet)
+    n = len(data.train)
+    if n < args.seq_len + 2:  # a training window is seq_len + 1 tokens at a random offset
+        shorter = 2 ** (((n - 2) // 2).bit_length() - 1) if n >= 4 else None
+        raise ValueError(
+            f"{args.corpus} is too short for sequences of {args.seq_len} tokens: it is "
+            f"{sum(len(d.encode()) for d in docs):,} bytes, and once the last "
+            f"{args.val_fraction:.0%} is kept for validation, {n} tokens are left to train on, "
+            f"where one training sequence needs {args.seq_len + 2}. Give a longer text"
+            + (f", or shorter sequences: --seq-len {shorter}" if shorter else ""))
     changes = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads")
                if getattr(args, k) is not None}
     margs = get_preset(args.preset).replace(vocab_size=tokenizer.n_words, **changes)
     margs = margs.replace(max_seq_len=max(margs.max_seq_len, args.seq_len))
     torch.manual_seed(args.seed)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+    steps = args.steps or (None if args.max_minutes else 300)  # --max-minutes alone: by time
+    cfg = TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       seq_len=args.seq_len, lr=args.lr, min_lr=args.lr / 10,
-                      warmup_steps=min(args.warmup_steps, args.steps), grad_clip=args.grad_clip,
+                      warmup_steps=min(args.warmup_steps, steps or args.warmup_steps),
+                      grad_clip=args.grad_clip,
                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
                       bf16=args.bf16, max_minutes=args.max_minutes,
                       fast_attention=not args.explicit_attention)
@@ -108,11 +137,13 @@ def cmd_train(args) -> None:
         print(f"resuming from {trainer.last_checkpoint} (step {trainer.step})")
     history = trainer.fit(progress=not args.quiet)
     if trainer.rank == 0:
-        last = history[-1]
+        last = {"step": trainer.step, "loss": math.nan, "lr": math.nan,
+                **(history[-1] if history else {})}
         floor_text = f" (floor {floor:.4f})" if floor is not None else ""
         print(f"step {last['step']}: loss {last['loss']:.4f}, validation "
               f"{last.get('val_bpb', float('nan')):.4f} bits per byte{floor_text}; "
-              f"checkpoint {trainer.last_checkpoint}")
+              f"final learning rate {last['lr']:.2e} after {trainer.seconds / 60:.2f} minutes "
+              f"of training; checkpoint {trainer.last_checkpoint}")
 
 
 def _load(args):
@@ -187,17 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help=f"override the preset's {name}")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step, all processes")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=_positive(int), default=None,
+                   help="optimizer steps (default 300; with --max-minutes alone, as many as fit)")
+    p.add_argument("--batch-size", type=_positive(int), default=16,
+                   help="sequences per step, all processes")
+    p.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per step")
+    p.add_argument("--seq-len", type=_positive(int), default=256)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=30)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
+    p.add_argument("--max-minutes", type=_positive(float), default=None,
+                   help="a time budget: the warm-up and the cosine decay are laid over it, and "
+                        "the run ends at the floor learning rate when it is spent (evaluation "
+                        "is not counted); a resumed run continues the same schedule")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--explicit-attention", action="store_true",
                    help="the written-out attention instead of scaled_dot_product_attention")

@@ -285,17 +285,15 @@ def read_text_corpus(path, errors: str = "strict", suffixes=(".txt", ".md", ".py
     if not path.is_dir():
         raise FileNotFoundError(f"no such file or folder: {path}")
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(tuple(suffixes)))
-    files = files[:max_files]  # all of them when max_files is None
     if not files:
         raise ValueError(f"no files ending with {', '.join(suffixes)} in {path}")
-    return [text for text in (read_text_file(p, errors) for p in files) if text]
+    return [text for text in (read_text_file(p, errors) for p in files[:max_files]) if text]
 
 
 def python_stdlib_corpus(max_files: int | None = 200) -> list[str]:
     """Python source files of the standard library on this machine (code, no download)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py"))[:max_files]
-    return [read_text_file(p, errors="replace") for p in files]
+    return [read_text_file(p, errors="replace") for p in sorted(stdlib.glob("*.py"))[:max_files]]
 
 
 # Tokens: documents joined with special tokens, a token file, train/validation, batches.
@@ -311,20 +309,24 @@ def write_token_file(encoded: list[np.ndarray], path) -> np.memmap:
     large corpus is tokenized once and never held in memory."""
     dtype, tmp = (encoded[0].dtype if encoded else np.uint16), Path(f"{path}.tmp")
     with open(tmp, "wb") as f:
-        for doc in encoded:
-            f.write(doc.astype(dtype).tobytes())
+        f.writelines(doc.astype(dtype).tobytes() for doc in encoded)
     os.replace(tmp, path)
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def split_documents(docs: list, val_fraction: float = 0.05, min_val: int = 1):
-    """Train and validation by whole documents (no document in both): the last
-    `val_fraction` of the documents are validation."""
+def split_documents(docs: list, val_fraction: float = 0.05):
+    """Train and validation, no document in both: the last `val_fraction` of the documents,
+    or of one text alone, cut at a line start: (["a\\nb\\nc\\n"], 0.3) -> ["a\\nb\\n"], ["c\\n"]."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction ({val_fraction}) must be between 0 and 1")
-    n_val = max(min_val, int(round(len(docs) * val_fraction)))
+    if len(docs) == 1 and isinstance(text := docs[0], str):
+        cut = text.rfind("\n", 0, min(int(len(text) * (1 - val_fraction)), len(text.rstrip()))) + 1
+        if text[:cut].strip() and text[cut:].strip():
+            return [text[:cut]], [text[cut:]]
+    n_val = max(1, int(round(len(docs) * val_fraction)))
     if n_val >= len(docs):
-        raise ValueError(f"{len(docs)} documents are too few to keep {n_val} for validation")
+        raise ValueError(f"{len(docs)} documents are too few to keep {n_val} for validation: "
+                         "give more, or one text of several lines (cut at a line break)")
     return docs[:-n_val], docs[-n_val:]
 
 
@@ -340,8 +342,7 @@ def token_bytes(tokenizer) -> torch.Tensor:
 def pack_documents(encoded: list[np.ndarray], seq_len: int, pad_id: int = -100) -> torch.Tensor:
     """Whole documents packed greedily into rows of seq_len + 1 tokens (a document longer
     than a row is cut into pieces); the rest of a row is pad_id. For evaluation, so that
-    every token is predicted once, with its document's start in view.
-    Returns (rows, seq_len + 1), int64."""
+    every token is predicted once, with its document's start in view: (rows, seq_len + 1)."""
     rows, row = [], []
     for doc in encoded:
         doc = doc.tolist()
@@ -390,9 +391,8 @@ def prepare_data(docs: list[str], tokenizer, seq_len: int, val_fraction: float =
                  token_file=None, floor: float | None = None, progress: bool = False) -> TokenData:
     """Tokenize documents once, split by document, write the training stream to `token_file`
     (memory-mapped) if one is given, and pack validation documents into rows."""
-    train_docs, val_docs = split_documents(docs, val_fraction)
-    train = encode_documents(train_docs, tokenizer, progress)
-    val = encode_documents(val_docs, tokenizer, progress)
+    train, val = (encode_documents(part, tokenizer, progress)
+                  for part in split_documents(docs, val_fraction))
     stream = write_token_file(train, token_file) if token_file else np.concatenate(train)
     return TokenData(stream, pack_documents(val, seq_len), token_bytes(tokenizer), floor)
 

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,9 +21,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .config import ModelArgs
+# checkpoint.py saves and loads our folders; save_model and load_model stay importable here.
+from .checkpoint import (  # noqa: F401
+    FORMAT,
+    latest_checkpoint,
+    load_model,
+    model_weights,
+    replace_dir,
+    save_model,
+)
 from .data import TokenData, batch_at
 from .model import Transformer, pick_device
 
@@ -42,7 +51,7 @@ ASSETS = _assets_folder()
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    steps: int | None = 600  # None: as many as max_minutes allows
     batch_size: int = 16  # sequences per optimizer step, all processes together
     grad_accum: int = 1  # micro-batches per step in each process
     seq_len: int = 256
@@ -59,7 +68,7 @@ class TrainConfig:
     seed: int = 0  # decides the batches (with the step), and the initial weights
     bf16: bool = False  # autocast matrix products to bfloat16 (CPU or GPU)
     fast_attention: bool = True  # scaled_dot_product_attention, else the explicit path
-    max_minutes: float | None = None  # stop early once this much time has passed
+    max_minutes: float | None = None  # a time budget: the schedule is laid over it
 
 
 def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int,
@@ -72,6 +81,32 @@ def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int,
     decay_steps = max(1, total_steps - 1 - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# A time budget (max_minutes) is a complete run: the schedule is laid over the time. We
+# schedule by elapsed training time rather than fix a step count from the speed of the first
+# steps, because the speed drifts (other programs on a shared CPU, a laptop that heats up, a
+# GPU's first steps): a fixed count ends early, or is cut off with the lr still high, while a
+# schedule in time reaches its floor when the time is up whatever the speed did. The price: a
+# run by time is not repeatable bit for bit, as a run by steps is. Evaluating and saving do
+# not count as training time. The warm-up stays counted in steps: what it protects, AdamW's
+# moment estimates starting from nothing, grows with updates, not with seconds.
+def lr_in_budget(step: int, end_seconds: float, budget_seconds: float, max_lr: float,
+                 warmup_steps: int, min_lr: float = 0.0, warmup_seconds: float = 0.0,
+                 total_steps: int | None = None) -> float:
+    """Learning rate of step `step` of a run with a time budget: `lr_at`'s warm-up, then half a
+    cosine over the time from warmup_seconds (the warm-up's end) to budget_seconds. end_seconds
+    is when this step should end (the time so far plus the last step's duration): the step
+    that ends at or past the budget runs at min_lr, as lr_at's last step does. With
+    total_steps too, the cosine follows whichever budget is further spent."""
+    if end_seconds >= budget_seconds:
+        return min_lr
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    progress = (end_seconds - warmup_seconds) / max(budget_seconds - warmup_seconds, 1e-9)
+    if total_steps is not None:
+        progress = max(progress, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -104,66 +139,6 @@ def evaluate_bpb(model, rows: torch.Tensor, token_bytes: torch.Tensor, batch_siz
         n_tokens += real.numel()
     model.train(was_training)
     return {"val_loss": nll / max(1, n_tokens), "val_bpb": nll / math.log(2) / max(1.0, n_bytes)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: a folder per step, written under a temporary name and renamed when complete.
-def _weights(model, dtype=None) -> dict:
-    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
-             for k, v in model.state_dict().items()}
-    if model.params.tie_word_embeddings:
-        state.pop("output.weight")  # the same tensor as tok_embeddings.weight
-    return state
-
-
-def save_model(model, folder, dtype=None, **info) -> Path:
-    """Weights (safetensors) and config.json (model args plus `info`) into `folder`,
-    atomically: written beside it under a temporary name, then renamed."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_weights(model, dtype), str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps({"model_args": model.params.to_dict(), **info},
-                                                indent=1, default=str))
-    _replace_dir(tmp, folder)
-    return folder
-
-
-def _replace_dir(tmp: Path, folder: Path) -> None:
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if folder.exists():
-        old = folder.with_name(f".old-{folder.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, folder)
-
-
-def load_model(folder, device=None, dtype=torch.float32) -> tuple[Transformer, dict]:
-    """A model saved by `save_model` (or a training checkpoint) and its config.json."""
-    folder = Path(folder)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} has no config.json: not a checkpoint folder")
-    info = json.loads((folder / "config.json").read_text())
-    model = Transformer(ModelArgs.from_dict(info["model_args"]))
-    state = {k: v.to(dtype) for k, v in load_file(str(folder / "model.safetensors")).items()}
-    if model.params.tie_word_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state)
-    return model.to(pick_device(device)), info
-
-
-def latest_checkpoint(out_dir) -> Path | None:
-    """The newest complete checkpoint under out_dir, or None."""
-    pointer = Path(out_dir) / "latest"
-    if not pointer.exists():
-        return None
-    return Path(out_dir) / pointer.read_text().strip()
 
 
 def pretrained_models() -> list[str]:
@@ -236,11 +211,14 @@ def _distributed() -> tuple[int, int, int]:
 
 
 class Trainer:
-    """Trains `model` on `data`; `fit()` runs to cfg.steps, resuming from out_dir if a
-    checkpoint is there. History rows go to out_dir/metrics.jsonl for plotting."""
+    """Trains `model` on `data`; `fit()` runs to cfg.steps or through cfg.max_minutes,
+    resuming from out_dir if a checkpoint is there. History rows go to out_dir/metrics.jsonl
+    for plotting. `clock` (seconds, default time.perf_counter) times the training."""
 
     def __init__(self, model: Transformer, data: TokenData, cfg: TrainConfig, out_dir=None,
-                 tokenizer_path=None, device=None, resume: bool = True):
+                 tokenizer_path=None, device=None, resume: bool = True, clock=None):
+        if cfg.steps is None and cfg.max_minutes is None:
+            raise ValueError("give steps, max_minutes or both: the run needs an end")
         self.rank, self.world, local_rank = _distributed()
         device = pick_device(device)
         if device.type == "cuda" and self.world > 1:
@@ -260,7 +238,8 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir else None
         self.tokenizer_path = str(tokenizer_path) if tokenizer_path else None
         self.step, self.history, self.last_checkpoint = 0, [], None
-        self.tokens_seen, self.seconds = 0, 0.0
+        self.tokens_seen, self.seconds, self.clock = 0, 0.0, clock or time.perf_counter
+        self.step_seconds, self.warmup_seconds, self.lr = 0.0, 0.0, None  # for lr_in_budget
         if self.out_dir and resume and latest_checkpoint(self.out_dir):
             self.resume(latest_checkpoint(self.out_dir))
 
@@ -273,21 +252,22 @@ class Trainer:
         tmp = folder.with_name(f".tmp-{folder.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file(_weights(self.model), str(tmp / "model.safetensors"))
+        save_file(model_weights(self.model), str(tmp / "model.safetensors"))
         if os.environ.get("LLAMA3_MINI_SLOW_SAVE"):  # tests: a window to kill a save in
             print(f"saving step {self.step}", flush=True)
             time.sleep(float(os.environ["LLAMA3_MINI_SLOW_SAVE"]))
-        info = {"model_args": self.model.params.to_dict(), "train_config": asdict(self.cfg),
-                "step": self.step, "tokenizer": self.tokenizer_path,
-                "tokens_seen": self.tokens_seen, "seconds": self.seconds,
+        info = {"format": FORMAT, "model_args": self.model.params.to_dict(),
+                "train_config": asdict(self.cfg), "step": self.step, "seconds": self.seconds,
+                "tokenizer": self.tokenizer_path, "tokens_seen": self.tokens_seen,
                 "metrics": self.history[-1] if self.history else {}}
         (tmp / "config.json").write_text(json.dumps(info, indent=1))
         torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step,
                     "torch_rng": torch.get_rng_state(), "tokens_seen": self.tokens_seen,
                     "seconds": self.seconds, "data_position": {"seed": self.cfg.seed,
-                                                               "step": self.step}},
+                                                               "step": self.step},
+                    "schedule": (self.step_seconds, self.warmup_seconds, self.lr)},
                    tmp / "state.pt")
-        _replace_dir(tmp, folder)
+        replace_dir(tmp, folder)
         pointer = self.out_dir / "latest.tmp"
         pointer.write_text(folder.name)
         os.replace(pointer, self.out_dir / "latest")
@@ -306,6 +286,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.seconds, self.last_checkpoint = state["seconds"], folder
+        # a run by time continues its schedule (lr_in_budget) where it was
+        self.step_seconds, self.warmup_seconds, self.lr = state.get("schedule", (0.0, 0.0, None))
         for tmp in self.out_dir.glob(".tmp-*"):  # a save that was killed: never complete
             shutil.rmtree(tmp, ignore_errors=True)
         log = self.out_dir / "metrics.jsonl"
@@ -318,7 +300,7 @@ class Trainer:
     def train_step(self) -> float:
         """One optimizer step (grad_accum micro-batches); returns the mean loss (nats)."""
         cfg = self.cfg
-        lr = lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr)
+        lr = self.lr = self.learning_rate()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = batch_at(self.data.train, self.step, cfg.batch_size, cfg.seq_len,
@@ -329,7 +311,7 @@ class Trainer:
         micro = zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum), strict=True)
         for i, (x, y) in enumerate(micro):
             last = i == cfg.grad_accum - 1
-            sync = self.net.no_sync() if self.world > 1 and not last else _nothing()
+            sync = self.net.no_sync() if self.world > 1 and not last else nullcontext()
             with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = self.net(x)  # (micro_batch, seq_len, vocab_size)
                 loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
@@ -356,6 +338,19 @@ class Trainer:
                    "bpb": loss / math.log(2) / max(bytes_per_token, 1e-9)})  # train bits/byte
         return loss
 
+    def learning_rate(self) -> float:
+        """The next step's: `lr_at` over cfg.steps, or `lr_in_budget` over cfg.max_minutes."""
+        cfg = self.cfg
+        if cfg.max_minutes is None:
+            return lr_at(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr)
+        return lr_in_budget(self.step, self.seconds + self.step_seconds, cfg.max_minutes * 60,
+                            cfg.lr, cfg.warmup_steps, cfg.min_lr, self.warmup_seconds, cfg.steps)
+
+    def out_of_time(self) -> bool:
+        """Time is up: the budget is spent and the last step ran at the floor learning rate."""
+        return (self.cfg.max_minutes is not None and self.lr == self.cfg.min_lr
+                and self.seconds >= self.cfg.max_minutes * 60)
+
     def evaluate(self) -> dict:
         return evaluate_bpb(self.model, self.data.val_rows, self.data.token_bytes,
                             bf16=self.cfg.bf16)
@@ -372,41 +367,33 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
 
     def fit(self, progress: bool = True, callback=None) -> list[dict]:
-        """Train to cfg.steps (or cfg.max_minutes), evaluating and saving on schedule.
-        callback(trainer) runs after every step (a live plot, say)."""
+        """Train to cfg.steps or through cfg.max_minutes of training time, evaluating and
+        saving on schedule. callback(trainer) runs after every step (a live plot, say)."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training",
                    disable=not progress or self.rank != 0)
-        start = time.perf_counter() - self.seconds
-        while self.step < cfg.steps:
+        start = self.clock() - self.seconds
+        while (cfg.steps is None or self.step < cfg.steps) and not self.out_of_time():
             loss = self.train_step()
-            self.seconds = time.perf_counter() - start
-            out_of_time = cfg.max_minutes is not None and self.seconds > cfg.max_minutes * 60
-            if self.world > 1:  # every process must agree to stop
-                flag = torch.tensor(float(out_of_time), device=self.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                out_of_time = bool(flag.item())
-            done = self.step == cfg.steps or out_of_time
+            now = self.clock() - start
+            if self.world > 1:  # every process takes the same time, so the same lr and end
+                now = torch.tensor(now, dtype=torch.float64, device=self.device)
+                dist.all_reduce(now, op=dist.ReduceOp.MAX)
+                now = now.item()
+            self.step_seconds, self.seconds = now - self.seconds, now
+            if self.step == cfg.warmup_steps:
+                self.warmup_seconds = self.seconds
+            done = self.step == cfg.steps or self.out_of_time()
             if done or (cfg.eval_every and self.step % cfg.eval_every == 0):
                 self._log({"step": self.step, **self.evaluate()})
-                start = time.perf_counter() - self.seconds  # evaluation is not training time
             if self.out_dir and (done or (cfg.save_every and self.step % cfg.save_every == 0)):
                 self.save()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             if callback is not None:
                 callback(self)
-            if out_of_time:
-                break
+            start = self.clock() - self.seconds  # evaluating, saving, plotting: not training
         bar.close()
         return self.history
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -7,6 +7,7 @@ import pytest
 
 from llama3_mini.cli import main
 from llama3_mini.tokenizer import Tokenizer
+from llama3_mini.train import read_metrics
 
 TINY = ["--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
         "--seq-len", "32", "--batch-size", "4", "--quiet"]
@@ -102,3 +103,80 @@ def test_generate_defaults_to_the_pretrained_asset(capsys):
     out = capsys.readouterr().out
     # greedy decoding from the trained model writes a story that the grammar accepts
     assert out.startswith("--- sample 1 [grammatical]\nOnce upon a time, there was"), out
+
+
+def _lines(n: int) -> str:
+    return "".join(f"Line {i}: the {'quick brown fox' if i % 2 else 'lazy dog'} saw {i * 7}.\n"
+                   for i in range(n))
+
+
+@pytest.mark.filterwarnings("ignore:the text has no pair left to merge")
+def test_one_text_file_trains_with_its_last_lines_for_validation(tmp_path, capsys):
+    (tmp_path / "input.txt").write_text(_lines(300))
+    assert main(["train", "--corpus", str(tmp_path / "input.txt"), "--steps", "3",
+                 "--warmup-steps", "1", "--val-fraction", "0.1", "--out-dir",
+                 str(tmp_path / "run"), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "step 3: loss" in out and " bits per byte; final learning rate 2.00e-04 " in out
+
+
+@pytest.mark.filterwarnings("ignore:the text has no pair left to merge")
+def test_a_time_budget_ends_at_the_floor_learning_rate(tmp_path, capsys):
+    (tmp_path / "input.txt").write_text(_lines(300))
+    assert main(["train", "--corpus", str(tmp_path / "input.txt"), "--max-minutes", "0.05",
+                 "--warmup-steps", "2", "--eval-every", "0", "--out-dir", str(tmp_path / "run"),
+                 *TINY]) == 0
+    out = capsys.readouterr().out
+    assert " bits per byte; final learning rate 2.00e-04 after " in out, out
+    assert float(out.split(" after ")[1].split()[0]) >= 0.05  # minutes of training
+    rows = read_metrics(tmp_path / "run/metrics.jsonl")
+    assert rows[-1]["lr"] == 2e-4 and "val_bpb" in rows[-1] and len(rows) > 2
+    assert rows[0]["lr"] == pytest.approx(1e-3)  # the first of two warm-up steps
+
+
+@pytest.mark.filterwarnings("ignore:the text has no pair left to merge")
+def test_bad_input_gets_a_clear_message_not_a_traceback(tmp_path, capsys):
+    def fails(*argv, code=2):
+        result = main([*argv, "--out-dir", str(tmp_path / "run"), "--quiet"])
+        assert result == code, result
+        return capsys.readouterr().err
+
+    (tmp_path / "empty.txt").write_text("\n \n")
+    assert "empty.txt is empty (or only white space)" in fails("train", "--corpus",
+                                                               str(tmp_path / "empty.txt"))
+    for steps in ("-5", "0", "many"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "--steps", steps])
+        assert exit_.value.code == 2
+        assert f"argument --steps: expected a whole number above 0, got '{steps}'" in \
+            capsys.readouterr().err
+    (tmp_path / "short.txt").write_text(_lines(8))
+    err = fails("train", "--corpus", str(tmp_path / "short.txt"), "--seq-len", "512")
+    assert "short.txt is too short for sequences of 512 tokens" in err
+    assert " bytes, and once the last 5% is kept for validation, " in err
+    assert "tokens are left to train on, where one training sequence needs 514" in err
+    assert "shorter sequences: --seq-len " in err
+    shorter = int(err.rsplit("--seq-len ", 1)[1])
+    assert main(["train", "--corpus", str(tmp_path / "short.txt"), "--seq-len", str(shorter),
+                 "--steps", "1", "--out-dir", str(tmp_path / "ok"), "--quiet"]) == 0
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    assert "image.png: invalid UTF-8 at byte offset 0" in fails(
+        "train", "--corpus", str(tmp_path / "image.png"))
+
+
+def test_a_truncated_checkpoint_is_named_not_a_traceback(tmp_path, capsys):
+    from llama3_mini.checkpoint import save_model
+    from llama3_mini.config import ModelArgs
+    from llama3_mini.model import Transformer
+
+    tok = Tokenizer.train("a small text to train on, " * 20, 260, progress=False)
+    tok.save(tmp_path / "tok.tiktoken")
+    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, vocab_size=tok.n_words,
+                                  multiple_of=16, max_seq_len=32))
+    save_model(model, tmp_path / "ckpt", tokenizer="../tok.tiktoken")
+    weights = tmp_path / "ckpt/model.safetensors"
+    for size in (weights.stat().st_size // 2, 5):  # cut in the tensors, cut in the header
+        weights.write_bytes(weights.read_bytes()[:size])
+        assert main(["generate", "--checkpoint", str(tmp_path / "ckpt")]) == 2
+        err = capsys.readouterr().err
+        assert "ckpt/model.safetensors is damaged or incomplete" in err and "Traceback" not in err

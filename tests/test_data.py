@@ -152,6 +152,23 @@ def test_split_keeps_documents_whole_and_apart():
         split_documents(["only one"], 0.5)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(st.characters(exclude_characters="\n"), max_size=30), min_size=2,
+                max_size=60), st.floats(0.01, 0.5), st.booleans())
+def test_one_text_is_cut_at_a_line_start_into_its_last_val_fraction(lines, fraction, end_nl):
+    text = "\n".join(lines) + "\n" * end_nl
+    target = int(len(text) * (1 - fraction))  # where the last `fraction` begins
+    cuts = [i + 1 for i, c in enumerate(text) if c == "\n" and i + 1 <= target
+            and text[:i + 1].strip() and text[i + 1:].strip()]  # text on both sides
+    if not cuts:
+        with pytest.raises(ValueError, match="too few .*one text of several lines"):
+            split_documents([text], fraction)
+        return
+    (train,), (val,) = split_documents([text], fraction)
+    assert train + val == text and train == text[:max(cuts)]  # the last line start before it
+    assert len(val) >= len(text) * fraction - 1e-9  # at least the fraction; no overlap
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.integers(2, 40), min_size=1, max_size=12), st.integers(4, 24))
 def test_packing_predicts_every_token_once_in_order(lengths, seq_len):

@@ -260,3 +260,86 @@ def test_load_pretrained_by_name_from_the_package_data():
     with pytest.raises(FileNotFoundError, match="no pretrained model 'nope'.* available "
                                                 "models are: .*story-model"):
         load_pretrained("nope")
+
+
+class FakeClock:
+    """Time that passes only while the model computes: one second per forward pass (a
+    training step with one micro-batch takes 1 s; evaluation takes time too, which must not
+    count as training time)."""
+
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def attach(self, model):
+        model.register_forward_pre_hook(lambda *_: setattr(self, "now", self.now + 1.0))
+        return model
+
+
+BUDGET = TrainConfig(steps=None, max_minutes=0.2, batch_size=4, seq_len=32, warmup_steps=3,
+                     lr=1e-2, min_lr=1e-3, eval_every=4)  # 12 s: 12 steps of 1 s
+
+
+def _budget_run(stories, clock, out_dir=None, callback=None, save_every=0):
+    torch.manual_seed(0)
+    cfg = TrainConfig(**{**BUDGET.__dict__, "save_every": save_every})
+    trainer = Trainer(clock.attach(Transformer(ARGS)), stories, cfg, out_dir=out_dir,
+                      device="cpu", clock=clock)
+    return trainer, trainer.fit(progress=False, callback=callback)
+
+
+def test_a_time_budget_is_a_complete_run_ending_at_the_floor_lr(stories):
+    clock = FakeClock()
+    trainer, history = _budget_run(stories, clock)
+    lrs = [r["lr"] for r in history]
+    # warm-up over 3 steps (3 s), then the cosine over the 9 s left: step k (0-based) should
+    # end at k + 1 s, so it runs at the cosine's value there; the 12th ends at the budget
+    expected = [1e-2 * (k + 1) / 3 for k in range(3)] + [
+        1e-3 + 0.5 * 9e-3 * (1 + math.cos(math.pi * (k + 1 - 3) / 9)) for k in range(3, 12)]
+    assert lrs == pytest.approx(expected, rel=1e-12, abs=0)
+    assert lrs[-1] == BUDGET.min_lr < lrs[-2]  # the floor exactly when the time is up
+    assert trainer.step == 12 and trainer.seconds == 12.0
+    assert [r["step"] for r in history if "val_bpb" in r] == [4, 8, 12]
+    assert clock.now > 12  # evaluation took time, which was not counted
+    assert len(trainer.fit(progress=False)) == 12  # a finished run does not step again
+
+
+def test_a_step_that_overruns_the_budget_is_followed_by_one_at_the_floor(stories):
+    clock = FakeClock()
+    torch.manual_seed(0)
+    trainer = Trainer(clock.attach(Transformer(ARGS)), stories, BUDGET, device="cpu",
+                      clock=clock)
+    trainer.model.register_forward_pre_hook(  # step 9 (0-based) takes 3 s instead of 1
+        lambda *_: setattr(clock, "now", clock.now + (2.0 if trainer.step == 9 else 0.0)))
+    lrs = [r["lr"] for r in trainer.fit(progress=False)]
+    assert trainer.seconds == 13.0 and len(lrs) == 11  # steps 0-9 (12 s), then one more
+    assert lrs[-2] > BUDGET.min_lr and lrs[-1] == BUDGET.min_lr
+
+
+def test_resuming_a_time_budgeted_run_continues_its_schedule(stories, tmp_path):
+    _, reference = _budget_run(stories, FakeClock())
+
+    def crash(trainer):
+        if trainer.step == 6:
+            raise KeyboardInterrupt  # killed at step 6; the last checkpoint is step 4
+
+    with pytest.raises(KeyboardInterrupt):
+        _budget_run(stories, FakeClock(), out_dir=tmp_path, callback=crash, save_every=4)
+    assert latest_checkpoint(tmp_path).name == "step_000004"
+    trainer, resumed = _budget_run(stories, FakeClock(1000.0), out_dir=tmp_path)  # a new process
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in reference]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in reference],
+                                                         rel=1e-6)
+    assert trainer.step == 12 and trainer.seconds == 12.0
+
+
+def test_a_run_by_steps_keeps_lr_at_whatever_the_clock_says(stories):
+    clock = FakeClock()
+    cfg = TrainConfig(steps=7, batch_size=4, seq_len=32, warmup_steps=2, eval_every=0)
+    trainer = Trainer(clock.attach(Transformer(ARGS)), stories, cfg, device="cpu", clock=clock)
+    lrs = [r["lr"] for r in trainer.fit(progress=False)]
+    assert lrs == [lr_at(k, cfg.lr, 2, 7, cfg.min_lr) for k in range(7)]
+    with pytest.raises(ValueError, match="give steps, max_minutes or both"):
+        Trainer(Transformer(ARGS), stories, TrainConfig(steps=None))
