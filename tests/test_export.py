@@ -150,3 +150,23 @@ def test_from_pretrained_loads_the_courses_own_folders(small, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8}))
     with pytest.raises(ValueError, match="model_type 'gpt2', not 'llama'"):
         hub.Llama.from_pretrained(tmp_path)
+
+
+def test_a_training_runs_folder_loads_and_exports_even_when_moved(small, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"  # as the trainer leaves it: step folders, `latest`, the tokenizer
+    shutil.copytree(small, run / "step_000002")
+    shutil.copy(small.parent / "tok.tiktoken", run / "tokenizer.tiktoken")
+    (run / "latest").write_text("step_000002")
+    config = json.loads((run / "step_000002/config.json").read_text())
+    config["tokenizer"] = "/somewhere/else/runs/mine/tokenizer.tiktoken"  # the run was moved
+    (run / "step_000002/config.json").write_text(json.dumps(config))
+    llama = hub.Llama.from_pretrained(run, device="cpu")
+    assert llama.source == f"llama3-mini:{run}" and llama.tokenizer.n_words == 400 + 256
+    assert main(["export", str(run), str(tmp_path / "hf")]) == 0
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")("Lily")["input_ids"] == \
+        [llama.tokenizer.bos_id] + llama.tokenizer.encode("Lily")
+    (run / "tokenizer.tiktoken").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer /somewhere/else/.* is missing"):
+        hub.Llama.from_pretrained(run)
