@@ -71,6 +71,21 @@ def check_count_params(fn) -> bool:
     return run_checks("count_params", fn, num_params, _config_cases())
 
 
+def count_params_with_qkv_bias(args) -> int:
+    """The parameter count of args's model with a bias vector added to each layer's wq, wk
+    and wv (as Qwen2 does; Llama has none): wq's bias has dim entries, wk's and wv's one per
+    output, n_kv_heads * head_dim each; wo keeps no bias."""
+    from .config import num_params
+
+    return num_params(args) + args.n_layers * (args.dim + 2 * args.kv_heads * args.head_dim)
+
+
+def check_count_params_qkv_bias(fn) -> bool:
+    """fn(args) -> the total parameter count of args's model if wq, wk and wv each had a
+    bias (wo none), from the shapes alone."""
+    return run_checks("count_params_qkv_bias", fn, count_params_with_qkv_bias, _config_cases())
+
+
 # --- Chapter 04: the SwiGLU hidden size ----------------------------------------------------
 
 def check_ffn_hidden_dim(fn) -> bool:
@@ -84,6 +99,24 @@ def check_ffn_hidden_dim(fn) -> bool:
     cases = [(4096, 1024, 1.3), (8192, 4096, 1.3), (16384, 4096, 1.2), (2048, 256, 1.5),
              (3072, 256, 1.0), (256, 32, None), (100, 1, None), (96, 7, 0.9), (4096, 256, None)]
     return run_checks("ffn_hidden_dim", fn, reference, cases)
+
+
+def ffn_params(dim: int, multiple_of: int, ffn_dim_multiplier) -> int:
+    """Weights in one SwiGLU feed-forward: w1 and w3 (hidden x dim) and w2 (dim x hidden),
+    no biases, with hidden from Meta's rule: (4096, 1024, 1.3) -> 3 * 4096 * 14336."""
+    from .config import ModelArgs
+
+    hidden = ModelArgs(dim=dim, n_heads=1, n_layers=1, multiple_of=multiple_of,
+                       ffn_dim_multiplier=ffn_dim_multiplier).hidden_dim
+    return 3 * dim * hidden
+
+
+def check_ffn_params(fn) -> bool:
+    """fn(dim, multiple_of, ffn_dim_multiplier) -> the number of weights in one SwiGLU
+    feed-forward (w1, w2, w3; no biases), the hidden size by Meta's rule."""
+    cases = [(4096, 1024, 1.3), (8192, 4096, 1.3), (16384, 4096, 1.2), (2048, 256, 1.5),
+             (3072, 256, 1.0), (256, 32, None), (100, 1, None), (96, 7, 0.9), (4096, 256, None)]
+    return run_checks("ffn_params", fn, ffn_params, cases)
 
 
 # --- Chapter 07: the loss mask of supervised fine-tuning -----------------------------------
@@ -295,6 +328,62 @@ def check_rope_scaling(fn) -> bool:
         return apply_scaling(freqs, factor, low, high, original)
 
     return run_checks("rope_scaling", fn, reference, _scaling_cases())
+
+
+def stretch_context(args, target_len: int):
+    """args for a model trained on windows of args.max_seq_len tokens, stretched to
+    target_len with Llama 3.1's scaling: the factor target_len / trained length (the slowest
+    pairs then turn no further over target_len than they did in training), the bands set
+    by the trained length, Meta's low and high frequency factors (1 and 4)."""
+    return args.replace(use_scaled_rope=True, rope_scaling_factor=target_len / args.max_seq_len,
+                        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                        rope_original_max_seq_len=args.max_seq_len, max_seq_len=target_len)
+
+
+_STRETCH_FIELDS = ("max_seq_len", "use_scaled_rope", "rope_scaling_factor",
+                   "rope_original_max_seq_len", "rope_low_freq_factor", "rope_high_freq_factor")
+
+
+class _Args:
+    """A ModelArgs that prints as the fields the exercise is about."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def __repr__(self) -> str:
+        a = self.args
+        return f"<model of dim {a.dim}, theta {a.rope_theta:g}, trained on {a.max_seq_len} tokens>"
+
+
+def _same_stretch(got, expected) -> bool:
+    for name in _STRETCH_FIELDS:
+        value = getattr(got, name, "(missing)")
+        want = getattr(expected, name)
+        if not same(value, want):
+            print(f"  {name}: got {value!r}, expected {want!r}")
+            return False
+    if not same(getattr(got, "rope_theta", None), expected.rope_theta):
+        print("  rope_theta changed: scaling leaves theta alone")
+        return False
+    return True
+
+
+def check_stretch_context(fn) -> bool:
+    """fn(args, target_len) -> ModelArgs for the same model stretched to target_len with
+    Llama 3.1's RoPE scaling (see stretch_context). args.max_seq_len is the trained window."""
+    from .config import get_preset
+
+    course = get_preset("tiny").replace(dim=128, n_heads=4, n_kv_heads=2, max_seq_len=256)
+    cases = [(course, 2048), (course, 1024), (course, 4096),
+             (get_preset("llama3-8b"), 131072), (get_preset("llama3-8b"), 32768),
+             (get_preset("tiny").replace(max_seq_len=1000), 3000),
+             (get_preset("tiny").replace(max_seq_len=64, rope_theta=10000.0), 512)]
+
+    def call(f):
+        return lambda wrapped, target: f(wrapped.args, target)
+
+    return run_checks("stretch_context", call(fn), call(stretch_context),
+                      [(_Args(a), n) for a, n in cases], compare=_same_stretch)
 
 
 # --- Chapter 10: the entropy of choices ----------------------------------------------------
