@@ -21,17 +21,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 # checkpoint.py saves and loads our folders; save_model and load_model stay importable here.
-from .checkpoint import (  # noqa: F401
-    FORMAT,
-    latest_checkpoint,
-    load_model,
-    model_weights,
-    replace_dir,
-    save_model,
-)
+from .checkpoint import latest_checkpoint, load_model, replace_dir, save_model
 from .data import TokenData, batch_at
 from .model import Transformer, pick_device
 
@@ -89,20 +81,27 @@ def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int,
 # GPU's first steps): a fixed count ends early, or is cut off with the lr still high, while a
 # schedule in time reaches its floor when the time is up whatever the speed did. The price: a
 # run by time is not repeatable bit for bit, as a run by steps is. Evaluating and saving do
-# not count as training time. The warm-up stays counted in steps: what it protects, AdamW's
-# moment estimates starting from nothing, grows with updates, not with seconds.
+# not count as training time. The warm-up is counted in steps, since what it protects (AdamW's
+# moment estimates, which start from nothing) grows with updates, not seconds; but it never
+# takes more than WARMUP_SHARE of the time, or a slow machine would spend the budget warming up.
+WARMUP_SHARE = 0.1
+
+
 def lr_in_budget(step: int, end_seconds: float, budget_seconds: float, max_lr: float,
-                 warmup_steps: int, min_lr: float = 0.0, warmup_seconds: float = 0.0,
+                 warmup_steps: int, min_lr: float = 0.0, warmup_seconds: float | None = 0.0,
                  total_steps: int | None = None) -> float:
-    """Learning rate of step `step` of a run with a time budget: `lr_at`'s warm-up, then half a
-    cosine over the time from warmup_seconds (the warm-up's end) to budget_seconds. end_seconds
-    is when this step should end (the time so far plus the last step's duration): the step
-    that ends at or past the budget runs at min_lr, as lr_at's last step does. With
-    total_steps too, the cosine follows whichever budget is further spent."""
+    """Learning rate of step `step` of a run with a time budget. While the warm-up lasts
+    (warmup_seconds is None) it rises linearly over warmup_steps steps as lr_at's does, or over
+    WARMUP_SHARE of the budget if that is further along; then half a cosine runs over the time
+    from warmup_seconds (when the warm-up ended) to budget_seconds. end_seconds is when this
+    step should end (the time so far plus the last step's duration): the step that ends at or
+    past the budget runs at min_lr, as lr_at's last step does. With total_steps too, the
+    cosine follows whichever budget is further spent."""
     if end_seconds >= budget_seconds:
         return min_lr
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
+    if warmup_seconds is None:
+        rise = max((step + 1) / max(1, warmup_steps), end_seconds / (WARMUP_SHARE * budget_seconds))
+        return max_lr * min(1.0, rise)
     progress = (end_seconds - warmup_seconds) / max(budget_seconds - warmup_seconds, 1e-9)
     if total_steps is not None:
         progress = max(progress, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
@@ -239,7 +238,7 @@ class Trainer:
         self.tokenizer_path = str(tokenizer_path) if tokenizer_path else None
         self.step, self.history, self.last_checkpoint = 0, [], None
         self.tokens_seen, self.seconds, self.clock = 0, 0.0, clock or time.perf_counter
-        self.step_seconds, self.warmup_seconds, self.lr = 0.0, 0.0, None  # for lr_in_budget
+        self.step_seconds, self.warmup_seconds, self.lr = 0.0, None, None  # for lr_in_budget
         if self.out_dir and resume and latest_checkpoint(self.out_dir):
             self.resume(latest_checkpoint(self.out_dir))
 
@@ -249,18 +248,13 @@ class Trainer:
         if self.out_dir is None or self.rank != 0:
             return None
         folder = self.out_dir / f"step_{self.step:06d}"
-        tmp = folder.with_name(f".tmp-{folder.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(model_weights(self.model), str(tmp / "model.safetensors"))
+        tmp = save_model(self.model, folder.with_name(f".tmp-{folder.name}"),
+                         train_config=asdict(self.cfg), step=self.step, seconds=self.seconds,
+                         tokenizer=self.tokenizer_path, tokens_seen=self.tokens_seen,
+                         metrics=self.history[-1] if self.history else {})
         if os.environ.get("LLAMA3_MINI_SLOW_SAVE"):  # tests: a window to kill a save in
             print(f"saving step {self.step}", flush=True)
             time.sleep(float(os.environ["LLAMA3_MINI_SLOW_SAVE"]))
-        info = {"format": FORMAT, "model_args": self.model.params.to_dict(),
-                "train_config": asdict(self.cfg), "step": self.step, "seconds": self.seconds,
-                "tokenizer": self.tokenizer_path, "tokens_seen": self.tokens_seen,
-                "metrics": self.history[-1] if self.history else {}}
-        (tmp / "config.json").write_text(json.dumps(info, indent=1))
         torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step,
                     "torch_rng": torch.get_rng_state(), "tokens_seen": self.tokens_seen,
                     "seconds": self.seconds, "data_position": {"seed": self.cfg.seed,
@@ -372,6 +366,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        budget = 60 * cfg.max_minutes if cfg.max_minutes else math.inf
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training",
                    disable=not progress or self.rank != 0)
         start = self.clock() - self.seconds
@@ -383,8 +378,9 @@ class Trainer:
                 dist.all_reduce(now, op=dist.ReduceOp.MAX)
                 now = now.item()
             self.step_seconds, self.seconds = now - self.seconds, now
-            if self.step == cfg.warmup_steps:
-                self.warmup_seconds = self.seconds
+            if self.warmup_seconds is None and (self.step >= cfg.warmup_steps
+                                                or self.seconds >= WARMUP_SHARE * budget):
+                self.warmup_seconds = self.seconds  # the warm-up is over (see lr_in_budget)
             done = self.step == cfg.steps or self.out_of_time()
             if done or (cfg.eval_every and self.step % cfg.eval_every == 0):
                 self._log({"step": self.step, **self.evaluate()})

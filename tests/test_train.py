@@ -184,7 +184,7 @@ def test_sigkill_mid_run_and_mid_save_then_resume_gives_the_same_losses(tmp_path
     full, broken = tmp_path / "full", tmp_path / "broken"
     subprocess.run([sys.executable, script, full], check=True, capture_output=True)
     reference = json.loads((full / "losses.json").read_text())
-    # killed in the middle of saving step 6: weights written, config and state not yet
+    # killed in the middle of saving step 6: weights and config written, state not yet
     _run_until([sys.executable, script, broken], "saving step 6",
                env={"LLAMA3_MINI_SLOW_SAVE": "30"})
     assert latest_checkpoint(broken).name == "step_000004"
@@ -278,32 +278,44 @@ class FakeClock:
         return model
 
 
-BUDGET = TrainConfig(steps=None, max_minutes=0.2, batch_size=4, seq_len=32, warmup_steps=3,
-                     lr=1e-2, min_lr=1e-3, eval_every=4)  # 12 s: 12 steps of 1 s
+BUDGET = TrainConfig(steps=None, max_minutes=0.4, batch_size=4, seq_len=32, warmup_steps=2,
+                     lr=1e-2, min_lr=1e-3, eval_every=8)  # 24 s: 24 steps of 1 s
 
 
-def _budget_run(stories, clock, out_dir=None, callback=None, save_every=0):
+def _budget_run(stories, clock, out_dir=None, callback=None, **changes):
     torch.manual_seed(0)
-    cfg = TrainConfig(**{**BUDGET.__dict__, "save_every": save_every})
+    cfg = TrainConfig(**{**BUDGET.__dict__, **changes})
     trainer = Trainer(clock.attach(Transformer(ARGS)), stories, cfg, out_dir=out_dir,
                       device="cpu", clock=clock)
     return trainer, trainer.fit(progress=False, callback=callback)
+
+
+def _cosine(progress, max_lr=1e-2, min_lr=1e-3):
+    return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def test_a_time_budget_is_a_complete_run_ending_at_the_floor_lr(stories):
     clock = FakeClock()
     trainer, history = _budget_run(stories, clock)
     lrs = [r["lr"] for r in history]
-    # warm-up over 3 steps (3 s), then the cosine over the 9 s left: step k (0-based) should
-    # end at k + 1 s, so it runs at the cosine's value there; the 12th ends at the budget
-    expected = [1e-2 * (k + 1) / 3 for k in range(3)] + [
-        1e-3 + 0.5 * 9e-3 * (1 + math.cos(math.pi * (k + 1 - 3) / 9)) for k in range(3, 12)]
-    assert lrs == pytest.approx(expected, rel=1e-12, abs=0)
+    # warm-up over 2 steps (2 s), then the cosine over the 22 s left: step k (0-based) should
+    # end at k + 1 s, so it runs at the cosine's value there; the 24th ends at the budget
+    assert lrs == pytest.approx([5e-3, 1e-2] + [_cosine((k + 1 - 2) / 22) for k in range(2, 24)],
+                                rel=1e-12, abs=0)
     assert lrs[-1] == BUDGET.min_lr < lrs[-2]  # the floor exactly when the time is up
-    assert trainer.step == 12 and trainer.seconds == 12.0
-    assert [r["step"] for r in history if "val_bpb" in r] == [4, 8, 12]
-    assert clock.now > 12  # evaluation took time, which was not counted
-    assert len(trainer.fit(progress=False)) == 12  # a finished run does not step again
+    assert trainer.step == 24 and trainer.seconds == 24.0
+    assert [r["step"] for r in history if "val_bpb" in r] == [8, 16, 24]
+    assert clock.now > 24  # evaluation took time, which was not counted
+    assert len(trainer.fit(progress=False)) == 24  # a finished run does not step again
+
+
+def test_on_a_slow_machine_the_warm_up_takes_at_most_a_tenth_of_the_budget(stories):
+    trainer, history = _budget_run(stories, FakeClock(), max_minutes=0.2, warmup_steps=10)
+    # 12 s: 10 warm-up steps would take 10 s; the warm-up rises over 1.2 s instead, ending
+    # with the step that crosses it (step 1, at 2 s), and the cosine has the 10 s left
+    assert [r["lr"] for r in history] == pytest.approx(
+        [1e-3, 1e-2] + [_cosine((k + 1 - 2) / 10) for k in range(2, 12)], rel=1e-12, abs=0)
+    assert trainer.warmup_seconds == 2.0 and history[-1]["lr"] == BUDGET.min_lr
 
 
 def test_a_step_that_overruns_the_budget_is_followed_by_one_at_the_floor(stories):
@@ -311,10 +323,10 @@ def test_a_step_that_overruns_the_budget_is_followed_by_one_at_the_floor(stories
     torch.manual_seed(0)
     trainer = Trainer(clock.attach(Transformer(ARGS)), stories, BUDGET, device="cpu",
                       clock=clock)
-    trainer.model.register_forward_pre_hook(  # step 9 (0-based) takes 3 s instead of 1
-        lambda *_: setattr(clock, "now", clock.now + (2.0 if trainer.step == 9 else 0.0)))
+    trainer.model.register_forward_pre_hook(  # step 21 (0-based) takes 3 s instead of 1
+        lambda *_: setattr(clock, "now", clock.now + (2.0 if trainer.step == 21 else 0.0)))
     lrs = [r["lr"] for r in trainer.fit(progress=False)]
-    assert trainer.seconds == 13.0 and len(lrs) == 11  # steps 0-9 (12 s), then one more
+    assert trainer.seconds == 25.0 and len(lrs) == 23  # steps 0-21 (24 s), then one more
     assert lrs[-2] > BUDGET.min_lr and lrs[-1] == BUDGET.min_lr
 
 
@@ -332,7 +344,7 @@ def test_resuming_a_time_budgeted_run_continues_its_schedule(stories, tmp_path):
     assert [r["lr"] for r in resumed] == [r["lr"] for r in reference]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in reference],
                                                          rel=1e-6)
-    assert trainer.step == 12 and trainer.seconds == 12.0
+    assert trainer.step == 24 and trainer.seconds == 24.0
 
 
 def test_a_run_by_steps_keeps_lr_at_whatever_the_clock_says(stories):
