@@ -159,54 +159,73 @@ def choice_kind(label: str) -> str:
     return "other words"
 
 
-class _Spans:
-    """Replays a story's choices and records, for each, the characters that show it: its
-    option's text inside the next piece of text said (or that piece's first word, for a
-    choice such as "problem" whose option is not printed; or the end of the story)."""
+class _Record:
+    """Replays a story's choices, recording each one's label, number of options, index of
+    the option taken, bits, and how much text had been said when it was made."""
 
     def __init__(self, choices):
-        self.choices, self.k, self.text, self.pending, self.spans = choices, 0, "", [], []
+        self.choices, self.made, self.text = choices, [], ""
 
     def pick(self, label, options, weights=None):
-        option = self.choices[self.k][1]
-        self.k += 1
-        p = 1 / len(options) if weights is None else weights[options.index(option)] / sum(weights)
-        self.pending.append((label, option, -math.log2(p)))
+        option = self.choices[len(self.made)][1]
+        i = options.index(option)
+        p = 1 / len(options) if weights is None else weights[i] / sum(weights)
+        self.made.append((label, len(options), i, -math.log2(p), len(self.text)))
         return option
 
     def say(self, text):
-        start = len(self.text)
-        for label, option, bits in self.pending:
-            at = text.find(option) if isinstance(option, str) else -1
-            if at >= 0:
-                self.spans.append((start + at, start + at + len(option), label, bits))
-            else:
-                word = len(text) - len(text.lstrip()) + len((text.split() or [""])[0])
-                self.spans.append((start, start + max(1, word), label, bits))
-        self.pending = []
         self.text += text
 
-    def finish(self):
-        end = len(self.text)
-        self.spans += [(end, end + 1, label, bits) for label, _, bits in self.pending]
-        return self.spans
+
+def _reach(text: str, forced: list[int]) -> int:
+    """How far into text (in characters) the grammar can still follow it after the forced
+    choices, over every way of making the choices after them; len(text) when some way
+    reaches the end of text (the next token, <|end_of_text|>, decides)."""
+    best, stack = 0, [list(forced)]
+    while stack:
+        prefix = stack.pop()
+        replay = _Prefix(text, prefix)
+        try:
+            _tell(replay)
+        except _Stop:
+            pass
+        except _Need as need:
+            stack.extend(prefix + [i] for i in range(need.n_options))
+            continue
+        best = max(best, replay.pos)
+        if best >= len(text):
+            break
+    return best
 
 
 def choice_spans(story) -> list[tuple[int, int, str, float]]:
-    """(start, end, label, bits) of each choice of a story, in characters of its text; a
-    choice shown by the story's ending has the span (len(text), len(text) + 1)."""
-    replay = _Spans(story.choices)
-    _tell(replay)
-    if replay.text != story.text:
+    """(start, end, label, bits) of each choice of a story: the characters of its text over
+    which the choice becomes known. start is the first character at which some other option
+    of the choice can no longer produce the text (the first that tells anything about it),
+    end - 1 the first at which none can (from there on the choice is certain). A choice
+    first told by the story's end has the span (len(text), len(text) + 1): the end-of-text
+    token shows it. Example: "Otto was a ..." against "Once upon a time, ..." and
+    "Long ago, ...": the opening is known from the characters "Ot" (start 0, end 2)."""
+    record = _Record(story.choices)
+    _tell(record)
+    if record.text != story.text:
         raise ValueError("the story's choices do not make its text; pass a Story from "
                          "make_stories or parse_story")
-    return replay.finish()
+    text, taken = story.text, [i for _, _, i, _, _ in record.made]
+    spans = []
+    for k, (label, n_options, i, bits, said) in enumerate(record.made):
+        reach = [_reach(text, taken[:k] + [j]) for j in range(n_options) if j != i]
+        first, last = (min(reach), max(reach)) if reach else (said, said)
+        spans.append((first, last + 1, label, bits))
+    return spans
 
 
 @torch.no_grad()
 def bits_by_kind(model, tokenizer, stories) -> dict[str, dict[str, float]]:
     """For each kind of choice: the grammar's information (bits) and the model's loss
     (bits) on the tokens that show those choices, summed over the stories, per story.
+    A choice is shown by the tokens over which it becomes known (see choice_spans), so a
+    model with the grammar's own probabilities pays each kind what the grammar gives it.
     Tokens that show no choice are "function words": the grammar gives them 0 bits.
     The end-of-text token shows the choices made last (no moral, no more episodes)."""
     device = next(model.parameters()).device if model is not None else None
@@ -230,10 +249,15 @@ def bits_by_kind(model, tokenizer, stories) -> dict[str, dict[str, float]]:
             n = len(tokenizer.decode_bytes([tid])) if tid != tokenizer.eos_id else 1
             hit = [s for s in spans if s[0] < pos + n and s[1] > pos]
             token_bits = nats[i].item() / math.log(2)
-            if not hit:
+            # a token that shows several choices at once shares its loss between them by
+            # their density, bits per character of their spans: a choice told in one
+            # character takes more of that character's loss than one told over a word
+            weight = [h[3] / (h[1] - h[0]) for h in hit]
+            if sum(weight) == 0:  # it shows no choice that carries information
                 add("function words", "model", token_bits)
-            for s in hit:  # a token that shows several choices shares its loss by their bits
-                add(choice_kind(s[2]), "model", token_bits * s[3] / sum(h[3] for h in hit))
+            for s, w in zip(hit, weight, strict=True):
+                if w:
+                    add(choice_kind(s[2]), "model", token_bits * w / sum(weight))
             pos += n if tid != tokenizer.eos_id else 0
     out.setdefault("function words", {"grammar": 0.0, "model": 0.0})
     return out

@@ -7,7 +7,11 @@ import math
 import pytest
 
 from llama3_mini.config import get_preset
-from llama3_mini.exercises import check_count_params_qkv_bias, check_ffn_params, check_stretch_context
+from llama3_mini.exercises import (
+    check_count_params_qkv_bias,
+    check_ffn_params,
+    check_stretch_context,
+)
 
 
 # ----------------------------------------------- chapter 00: biases on wq, wk and wv (Qwen2's)
@@ -33,7 +37,10 @@ def test_qkv_bias_accepts_a_right_answer(capsys):
 
 
 def test_qkv_bias_rejects_key_and_value_biases_as_wide_as_dim(capsys):
-    assert not check_count_params_qkv_bias(lambda a: qkv_bias_by_hand(a, kv_bias_width=lambda a: a.dim))
+    def as_wide_as_dim(a):
+        return qkv_bias_by_hand(a, kv_bias_width=lambda a: a.dim)
+
+    assert not check_count_params_qkv_bias(as_wide_as_dim)
     out = capsys.readouterr().out
     assert "✗ count_params_qkv_bias(ModelArgs(dim=4096, n_layers=32" in out
     # 8B: wk and wv have 8 * 128 = 1024 outputs, not 4096: 2 * 3072 * 32 too many
