@@ -3,14 +3,21 @@
 1. throughput (tokens per second) of the tiny preset, explicit attention against
    scaled_dot_product_attention, steps interleaved so that machine noise hits both;
 2. validation bits per byte reached after 5 and 10 minutes (times --minutes) of training the
-   asset's shape on the story corpus, against the corpus's entropy floor.
+   asset's shape on the story corpus, against the corpus's entropy floor;
+3. your own text: bits per byte after 2 minutes (times --minutes), by shape, sequence length,
+   batch size, vocabulary and learning rate, on 1 MB of English prose and 1 MB of Python that
+   every Python install has; the sweep that chose `llama3-mini train`'s defaults for a text
+   file (llama3_mini.cli.TEXT_DEFAULTS), printed beside the best run of the sweep.
 
-    python benchmarks/bench_train.py                 # the full 10 minutes
-    python benchmarks/bench_train.py --minutes 0.3   # 1.5 and 3 minutes instead"""
+    python benchmarks/bench_train.py                 # everything at full length (~50 min)
+    python benchmarks/bench_train.py --minutes 0.3   # shorter runs
+    python benchmarks/bench_train.py --section own-text"""
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -22,10 +29,11 @@ sys.path.insert(0, str(ROOT / "assets"))
 
 from make_assets import SEQ_LEN, VOCAB, model_args  # noqa: E402
 
+from llama3_mini.cli import TEXT_DEFAULTS  # noqa: E402
 from llama3_mini.config import get_preset, num_params  # noqa: E402
 from llama3_mini.data import entropy_bits_per_byte, make_stories, prepare_data, split_documents  # noqa: E402,E501
 from llama3_mini.model import Transformer  # noqa: E402
-from llama3_mini.tokenizer import Tokenizer  # noqa: E402
+from llama3_mini.tokenizer import Tokenizer, sample_text  # noqa: E402
 from llama3_mini.train import TrainConfig, Trainer, evaluate_bpb  # noqa: E402
 
 
@@ -75,13 +83,117 @@ def bpb_after(data, minutes: float) -> dict:
     return marks
 
 
+# ---------------------------------------------------------------------------------------------
+# Your own text. Each run trains from scratch for a budget of CPU time: the clock given to the
+# Trainer is this process's CPU seconds divided by the threads, so "2 minutes" means 2 minutes
+# of 2 busy cores however loaded the machine is while the sweep runs (wall time would charge
+# a run for its neighbours). The tokenizer is trained first, on the training part only, and
+# not counted. One axis at a time around a base, then the winners of each axis together.
+SWEEP = {
+    "shape": [dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2),
+              dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2),
+              dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2),
+              dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2)],
+    "seq_len": [64, 128, 256],
+    "batch_size": [8, 16, 32],
+    "vocab": [512, 1024, 2048],
+    "lr": [1.5e-3, 3e-3, 6e-3],
+}
+BASE = dict(shape=SWEEP["shape"][1], seq_len=128, batch_size=16, vocab=1024, lr=3e-3)
+OLD_DEFAULTS = dict(shape=dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=2), seq_len=256,
+                    batch_size=16, vocab=1024, lr=2e-3)  # the tiny preset, before the sweep
+
+
+def own_text_bpb(text: str, run: dict, minutes: float, threads: int,
+                 tokenizers: dict) -> tuple[float, int, int]:
+    """(validation bits per byte, steps, parameters) after `minutes` of CPU time."""
+    cut = text.rindex("\n", 0, int(len(text) * 0.9)) + 1  # as --corpus FILE: the last 10%
+    if run["vocab"] not in tokenizers:
+        tokenizers[run["vocab"]] = Tokenizer.train(text[:cut], run["vocab"], progress=False)
+    tok = tokenizers[run["vocab"]]
+    data = prepare_data([text], tok, run["seq_len"], val_fraction=0.1)
+    args = get_preset("tiny").replace(vocab_size=tok.n_words,
+                                      max_seq_len=max(512, run["seq_len"]), **run["shape"])
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=None, max_minutes=minutes, batch_size=run["batch_size"],
+                      seq_len=run["seq_len"], lr=run["lr"], min_lr=run["lr"] / 10,
+                      warmup_steps=30, eval_every=0, seed=0)
+    trainer = Trainer(Transformer(args), data, cfg, device="cpu",
+                      clock=lambda: time.process_time() / threads)
+    trainer.fit(progress=False)
+    return trainer.history[-1]["val_bpb"], trainer.step, num_params(args)
+
+
+def _label(run: dict) -> str:
+    s = run["shape"]
+    return (f"dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']}/{s['n_kv_heads']} heads | "
+            f"{run['seq_len']} | {run['batch_size']} | {run['vocab']} | {run['lr']:g}")
+
+
+def english_prose(n_bytes: int = 1_000_000) -> str:
+    """About n_bytes of English every Python install has: the docs' topics (~470 KB), then
+    the standard library's longer docstrings, file by file."""
+    parts = [sample_text("prose", n_bytes)]
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            nodes = ast.walk(ast.parse(path.read_text("utf-8", "replace")))
+        except SyntaxError:
+            continue
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        parts += [d for n in nodes if isinstance(n, kinds)
+                  and len(d := ast.get_docstring(n) or "") > 200]
+    return "\n\n".join(parts).encode()[:n_bytes].decode("utf-8", "ignore")
+
+
+def own_text(minutes: float, threads: int) -> None:
+    torch.set_num_threads(threads)
+    texts = {"prose": english_prose(), "code": sample_text("code", 1_000_000)}
+    chosen, best = dict(TEXT_DEFAULTS), dict(BASE)
+    for name, text in texts.items():
+        tokenizers, rows = {}, []
+        runs = [dict(BASE, **{axis: v}) for axis, values in SWEEP.items() for v in values]
+        if name == "code":  # the prose sweep chose; code checks its choice on other text
+            runs = [BASE, best]
+        for run in [r for i, r in enumerate(runs) if r not in runs[:i]]:
+            bpb, steps, params = own_text_bpb(text, run, minutes, threads, tokenizers)
+            rows.append((run, bpb, steps, params))
+            print(f"  {name}: {_label(run)} -> {bpb:.4f} bits/byte, {steps} steps", flush=True)
+        if name == "prose":
+            for axis in SWEEP:  # each axis's best value, the others at the base
+                on_axis = [(bpb, r[axis]) for r, bpb, _, _ in rows
+                           if all(r[a] == BASE[a] for a in SWEEP if a != axis)]
+                best[axis] = min(on_axis, key=lambda t: t[0])[1]
+        for run in (best, chosen, OLD_DEFAULTS):
+            if run not in [r for r, *_ in rows]:
+                rows.append((run, *own_text_bpb(text, run, minutes, threads, tokenizers)))
+                print(f"  {name}: {_label(run)} -> {rows[-1][1]:.4f} bits/byte", flush=True)
+        by_run = {_label(r): (bpb, steps, params) for r, bpb, steps, params in rows}
+        print(f"\nYour own text ({name}, {len(text.encode()):,} bytes; last 10% validation): "
+              f"bits per byte after {2 * minutes:.1f} min of {threads} cores, by setting")
+        print("| shape | seq_len | batch | vocab | lr | params | steps | val bits/byte |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for label, (bpb, steps, params) in sorted(by_run.items(), key=lambda kv: kv[1][0]):
+            print(f"| {label} | {params:,} | {steps} | {bpb:.4f} |")
+        top = min(by_run.values())[0]
+        print(f"best of the sweep: {top:.4f}; the defaults ({_label(chosen)}): "
+              f"{by_run[_label(chosen)][0]:.4f}; the tiny preset's old defaults: "
+              f"{by_run[_label(OLD_DEFAULTS)][0]:.4f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--minutes", type=float, default=1.0, help="scale of 5 and 10 minutes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--throughput-steps", type=int, default=6)
+    parser.add_argument("--section", choices=["throughput", "stories", "own-text"], default=None,
+                        help="run one section (default: all three)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.section in (None, "own-text"):
+        own_text(2 * args.minutes, threads=2)  # the learner's case: 2 cores
+        torch.set_num_threads(args.threads)
+        if args.section:
+            return
     stories = make_stories(40_000, seed=0)
     docs = [s.text for s in stories]
     tokenizer = Tokenizer.train("\n".join(docs[:2000]), VOCAB, progress=False)

@@ -16,6 +16,11 @@ import sys
 from pathlib import Path
 
 STORY_VOCAB = 960  # BPE ranks: the story corpus has no pair left to merge beyond ~964
+# `train --corpus FILE`'s defaults for a text of your own, chosen by the sweep in
+# benchmarks/bench_train.py (the lowest validation bits per byte after 2 minutes on 2 CPU
+# cores, on 1 MB of English prose): flags given on the command line override each.
+TEXT_DEFAULTS = dict(shape=dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2), seq_len=128,
+                     batch_size=16, vocab=1024, lr=3e-3)
 
 
 def _positive(kind):
@@ -78,6 +83,33 @@ def cmd_train_tokenizer(args) -> None:
     print(f"{tok!r} saved to {args.out}; {n_bytes / n_tokens:.2f} bytes per token")
 
 
+def _train_defaults(args) -> None:
+    """Fill in the flags left out. A text file or folder of your own gets TEXT_DEFAULTS (the
+    tiny preset at that shape, unless --preset is given); the story corpus and the standard
+    library keep the tiny preset with 256-token sequences. Each run has its own folder,
+    runs/<corpus name>, and a folder is never resumed on another corpus."""
+    own = args.corpus not in ("stories", "stdlib")
+    d = TEXT_DEFAULTS if own else dict(shape={}, seq_len=256, batch_size=16, lr=2e-3,
+                                        vocab=STORY_VOCAB if args.corpus == "stories" else 1024)
+    for name, value in d["shape"].items():
+        if getattr(args, name) is None and args.preset is None:
+            setattr(args, name, value)
+    for flag, key in (("seq_len", "seq_len"), ("batch_size", "batch_size"), ("lr", "lr"),
+                      ("vocab_size", "vocab")):
+        if getattr(args, flag) is None:
+            setattr(args, flag, d[key])
+    args.preset = args.preset or "tiny"
+    name = "story" if args.corpus == "stories" else Path(args.corpus).stem or "corpus"
+    args.out_dir = Path(args.out_dir or Path("runs") / name)
+    corpus = args.corpus if not own else str(Path(args.corpus).resolve())
+    mark = args.out_dir / "corpus.txt"
+    if mark.exists() and mark.read_text().strip() != corpus:
+        raise ValueError(f"{args.out_dir} holds a run on {mark.read_text().strip()}, not on "
+                         f"{corpus}: pass another --out-dir for a new run")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    mark.write_text(corpus + "\n")
+
+
 def cmd_train(args) -> None:
     import torch
 
@@ -87,9 +119,9 @@ def cmd_train(args) -> None:
     from .tokenizer import Tokenizer
     from .train import TrainConfig, Trainer
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     docs, stories = _corpus(args)
+    _train_defaults(args)
+    out_dir = args.out_dir
     if args.tokenizer:
         tok_path = Path(args.tokenizer)
         if not tok_path.exists():
@@ -101,8 +133,9 @@ def cmd_train(args) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not tok_path.exists():
             raise SystemExit("error: under torchrun, train the tokenizer first (`llama3-mini "
                              "train-tokenizer --out PATH`) and pass --tokenizer PATH")
+        train_docs = split_documents(docs, args.val_fraction)[0]  # validation stays unseen
         tokenizer = (Tokenizer.load(tok_path) if tok_path.exists() else _train_tokenizer(
-            docs[:2000], STORY_VOCAB if stories else 1024, tok_path, not args.quiet))
+            train_docs[:2000], args.vocab_size, tok_path, not args.quiet))
     floor = None
     if stories is not None:
         floor = entropy_bits_per_byte(split_documents(stories, args.val_fraction)[1])
@@ -211,20 +244,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (resumes if --out-dir has a checkpoint)")
     _add_corpus_args(p)
-    p.add_argument("--out-dir", default="runs/story", help="checkpoints and metrics.jsonl")
+    p.add_argument("--out-dir", default=None,
+                   help="checkpoints and metrics.jsonl (default: runs/<corpus name>)")
     p.add_argument("--tokenizer", default=None,
                    help="a tokenizer file (default: train one into --out-dir)")
-    p.add_argument("--preset", default="tiny", help="model preset (see `llama3-mini info`)")
+    p.add_argument("--vocab-size", type=_positive(int), default=None,
+                   help=f"BPE ranks of the tokenizer trained into --out-dir (default "
+                        f"{STORY_VOCAB} for stories, {TEXT_DEFAULTS['vocab']} otherwise)")
+    p.add_argument("--preset", default=None,
+                   help="model preset (see `llama3-mini info`; default: tiny, at the shape "
+                        "chosen for your own text when --corpus is a file or folder)")
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help=f"override the preset's {name}")
     p.add_argument("--steps", type=_positive(int), default=None,
                    help="optimizer steps (default 300; with --max-minutes alone, as many as fit)")
-    p.add_argument("--batch-size", type=_positive(int), default=16,
-                   help="sequences per step, all processes")
+    p.add_argument("--batch-size", type=_positive(int), default=None,
+                   help="sequences per step, all processes (default 16)")
     p.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per step")
-    p.add_argument("--seq-len", type=_positive(int), default=256)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--seq-len", type=_positive(int), default=None,
+                   help=f"tokens per sequence (default 256; {TEXT_DEFAULTS['seq_len']} for "
+                        "your own text)")
+    p.add_argument("--lr", type=_positive(float), default=None,
+                   help=f"peak learning rate (default 2e-3; {TEXT_DEFAULTS['lr']:g} for your "
+                        "own text)")
     p.add_argument("--warmup-steps", type=int, default=30)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=100)

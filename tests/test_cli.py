@@ -1,11 +1,12 @@
 """The `llama3-mini` command, each subcommand end to end on a tiny budget."""
+import json
 import subprocess
 import sys
 from importlib.metadata import version
 
 import pytest
 
-from llama3_mini.cli import main
+from llama3_mini.cli import TEXT_DEFAULTS, main
 from llama3_mini.tokenizer import Tokenizer
 from llama3_mini.train import read_metrics
 
@@ -117,7 +118,8 @@ def test_one_text_file_trains_with_its_last_lines_for_validation(tmp_path, capsy
                  "--warmup-steps", "1", "--val-fraction", "0.1", "--out-dir",
                  str(tmp_path / "run"), *TINY]) == 0
     out = capsys.readouterr().out
-    assert "step 3: loss" in out and " bits per byte; final learning rate 2.00e-04 " in out
+    floor = f"{TEXT_DEFAULTS['lr'] / 10:.2e}"  # a text file's default peak, over 10
+    assert "step 3: loss" in out and f" bits per byte; final learning rate {floor} " in out
 
 
 @pytest.mark.filterwarnings("ignore:the text has no pair left to merge")
@@ -127,11 +129,14 @@ def test_a_time_budget_ends_at_the_floor_learning_rate(tmp_path, capsys):
                  "--warmup-steps", "2", "--eval-every", "0", "--out-dir", str(tmp_path / "run"),
                  *TINY]) == 0
     out = capsys.readouterr().out
-    assert " bits per byte; final learning rate 2.00e-04 after " in out, out
+    assert f" bits per byte; final learning rate {TEXT_DEFAULTS['lr'] / 10:.2e} after " in out, out
     assert float(out.split(" after ")[1].split()[0]) >= 0.05  # minutes of training
     rows = read_metrics(tmp_path / "run/metrics.jsonl")
-    assert rows[-1]["lr"] == 2e-4 and "val_bpb" in rows[-1] and len(rows) > 2
-    assert rows[0]["lr"] == pytest.approx(1e-3)  # the first of two warm-up steps
+    assert rows[-1]["lr"] == pytest.approx(TEXT_DEFAULTS["lr"] / 10) and "val_bpb" in rows[-1]
+    assert len(rows) > 2
+    # the first of two warm-up steps: half the peak, or more where that step took over a
+    # tenth of the budget (a loaded machine), never more than the peak
+    assert TEXT_DEFAULTS["lr"] / 2 - 1e-12 <= rows[0]["lr"] <= TEXT_DEFAULTS["lr"]
 
 
 @pytest.mark.filterwarnings("ignore:the text has no pair left to merge")
@@ -180,3 +185,21 @@ def test_a_truncated_checkpoint_is_named_not_a_traceback(tmp_path, capsys):
         assert main(["generate", "--checkpoint", str(tmp_path / "ckpt")]) == 2
         err = capsys.readouterr().err
         assert "ckpt/model.safetensors is damaged or incomplete" in err and "Traceback" not in err
+
+
+def test_text_defaults_and_a_run_folder_per_corpus(tmp_path, capsys, monkeypatch):
+    """A text file trains at the sweep's defaults in runs/<its name>; flags override them; a
+    run folder is never resumed on another corpus (its tokenizer would not fit)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text(_lines(300))
+    assert main(["train", "--corpus", "notes.txt", "--steps", "2", "--warmup-steps", "1",
+                 "--quiet", "--seq-len", "32"]) == 0
+    config = json.loads((tmp_path / "runs" / "notes" / "step_000002" / "config.json").read_text())
+    shape = TEXT_DEFAULTS["shape"]
+    assert {k: config["model_args"][k] for k in shape} == shape
+    assert config["train_config"]["seq_len"] == 32  # the flag, not the default
+    assert config["train_config"]["lr"] == TEXT_DEFAULTS["lr"]
+    assert config["train_config"]["batch_size"] == TEXT_DEFAULTS["batch_size"]
+    capsys.readouterr()
+    assert main(["train", "--corpus", "stories", "--out-dir", "runs/notes", "--steps", "1"]) == 2
+    assert "runs/notes holds a run on " in capsys.readouterr().err
