@@ -1,0 +1,196 @@
+"""README.md and TEACHING.md quote what the notebooks print. Each figure they quote is read
+here from the stored outputs of the notebook it describes (or, for a published or exact
+number, from the notebook's own text or from the package), so a changed result cannot
+leave stale prose behind: change a notebook's result and this test names the sentence to
+update. The run-time table of TEACHING.md is left out: it is measured, not computed.
+
+Each quote is (notebook, phrase in the document, what must be in the notebook). The phrase
+must appear in the document word for word (line breaks and runs of spaces count as one
+space); what the notebook must hold is a snippet of its stored outputs, or a regular
+expression whose number, rounded as the document rounds it, is the quoted one."""
+import math
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from llama3_mini.config import get_preset, num_params
+from llama3_mini.exercises import count_params_with_qkv_bias, ffn_params
+from llama3_mini.experiments import name_entropy_bits
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = {p.stem[:2]: p for p in sorted((ROOT / "notebooks").glob("*.ipynb"))}
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def _doc(name: str) -> str:
+    return _squash((ROOT / name).read_text(encoding="utf-8"))
+
+
+def outputs(number: str) -> str:
+    """Every text the notebook's stored outputs show, one string."""
+    nb = nbformat.read(NOTEBOOKS[number], as_version=4)
+    parts = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream":
+                parts.append(out.text)
+            else:
+                parts.append(str(out.get("data", {}).get("text/plain", "")))
+    return "\n".join(parts)
+
+
+def markdown(number: str) -> str:
+    nb = nbformat.read(NOTEBOOKS[number], as_version=4)
+    return _squash("\n".join(c.source for c in nb.cells if c.cell_type == "markdown"))
+
+
+class Near:
+    """A number the notebook prints (the first group of `pattern`), which the document
+    quotes rounded to `digits` decimals (or to a whole `percent`)."""
+
+    def __init__(self, pattern: str, value: float, digits: int = 0, percent: bool = False):
+        self.pattern, self.value, self.digits, self.percent = pattern, value, digits, percent
+
+    def found_in(self, text: str) -> bool:
+        m = re.search(self.pattern, text)
+        if m is None:
+            return False
+        printed = float(m.group(1).replace(",", ""))
+        return round(printed, self.digits) == round(self.value, self.digits)
+
+    def __repr__(self) -> str:
+        return f"Near({self.pattern!r}, {self.value})"
+
+
+class Below(Near):
+    """A number the notebook prints that the document quotes as a bound ("under 1e-6")."""
+
+    def found_in(self, text: str) -> bool:
+        m = re.search(self.pattern, text)
+        return m is not None and float(m.group(1)) < self.value
+
+
+# (notebook, the document's phrase, what the notebook's stored outputs must show)
+TEACHING = [
+    ("00", "match Meta's published counts (8,030,261,248 for 8B)", ["8,030,261,248"]),
+    ("00", "(8,192 tokens; the \"16K\" often quoted is wrong. Llama 3.1 has 131,072.)",
+     ["Llama 3 context: 8192 tokens; Llama 3.1: 131072 tokens"]),
+    ("00", "(The cache: 16 GiB against 15.0 GiB.) And with one KV head per query head? (64 GiB.)",
+     ["16 GiB with 8 KV heads, 64 GiB with 32", "llama3-8b               15.0"]),
+    ("00", "(196,608 biases)", ["would add 196,608 parameters to Llama 3 8B"]),
+    ("00", "`check_count_params_qkv_bias`, 12 cases",
+     ["count_params_qkv_bias: right on all 12 cases"]),
+    ("01", "14 cases, including overlaps", ["merge: right on all 14 cases"]),
+    ("01", "measures only about 6 to 7% more bytes per token on English and code",
+     ["'English prose': '+7% bytes per token", "'Python code': '+6% bytes per token"]),
+    ("01", "about twice as many for Chinese, Japanese and Korean",
+     [Near(r"'Chinese/Japanese/Korean': '\+(\d+)% bytes per token", 100, -1)]),
+    ("01", "about 0.79B more parameters", ["cost: 0.79 B more parameters in an 8B model"]),
+    ("02", "7 cases: several head sizes", ["rope_rotate: right on all 7 cases"]),
+    ("02", "29 rotate more slowly than an 8K context instead of 14, and 15 are still slower "
+     "than 128K",
+     ["pairs longer than 8K: 14", "pairs longer than 8K: 29, longer than 128K: 15"]),
+    ("03", "6 cases with MHA, GQA and MQA shapes", ["gqa_attention: right on all 6 cases"]),
+    ("03", "(128 KiB against 512 KiB in bfloat16: 1 GiB against 4 GiB at 8K tokens.)",
+     ["512 KiB  4.00 GiB", "128 KiB  1.00 GiB"]),
+    ("04", "(14,336 for 8B)", ["rounded up to a multiple of 1024 -> 14336"]),
+    ("04", "(`check_ffn_params`, 9 cases", ["ffn_params: right on all 9 cases"]),
+    ("04", "1.31 for 8B, 1.50 for Llama 3.2 1B",
+     ["llama3-8b: 176,160,768 weights per feed-forward, 1.31 x",
+      "llama3.2-1b: 50,331,648 weights per feed-forward, 1.50 x"]),
+    ("04", "the notebook prints 7.21 against ln(1280) = 7.15",
+     ["loss of the untrained model: 7.21; ln(vocab_size) = 7.15"]),
+    ("04", "(In the feed-forward layers: 70% of 8B, 81% of 405B; the embeddings are 13% of 8B "
+     "but 1% of 405B.)", ["llama3-8b: feed-forward 70.2%, embeddings + output 13.1%",
+                          "llama3.1-405b: feed-forward 81.3%, embeddings + output  1.0%"]),
+    ("04", "the notebook printed under 1e-6",
+     [Below(r"largest difference[^\n]*?([0-9.]+e-0?\d+)", 1e-6)]),
+    ("06", "`check_lr_schedule`, 31 cases", ["lr_schedule: right on all 31 cases"]),
+    ("06", "Why can no model beat the floor (about 0.17 bits per byte here)?",
+     [Near(r"floor (0\.\d+)\)", 0.17, 2)]),
+    ("06", "Llama 3 8B saw about 1,870 tokens per parameter",
+     [Near(r"Llama 3 8B: +([\d.]+) tokens", 1870, -1)]),
+    ("08", "(The short-range angles moved: 0.69 nats instead of 0.53 in the first 256 "
+     "positions.)",
+     ["plain RoPE                     {'0-256': 0.53",
+      "Llama 3.1 scaling (factor 8)   {'0-256': 0.69"]),
+    ("08", "63 GiB per sequence for 405B at 128K",
+     [Near(r"llama3\.1-405b +8 +[\d.]+ +[\d.]+ +([\d.]+)", 63)]),
+    ("08", "`check_stretch_context`, 7 cases", ["stretch_context: right on all 7 cases"]),
+    ("09", "(131 GiB, two 80 GB GPUs; 66 GiB.)",
+     [Near(r"Llama 3 70B +[\d.]+B +([\d.]+)", 131),
+      Near(r"Llama 3 70B +[\d.]+B +[\d.]+ +([\d.]+)", 66)]),
+    ("10", "`check_name_entropy`, 18 cases", ["name_entropy: right on all 18 cases"]),
+    ("10", "within about 1% of the floor on names, places and other words and about 8% above "
+     "it on story structure, but pays 5.6 bits per story on function words",
+     [Near(r"structure +[\d.]+ +[\d.]+ +(-?[\d.]+)", 0.6, 1),
+      "function words      0.0     5.6     5.6"]),
+    ("10", "(name entropy from about 4.6 to 3.5 bits in three generations)",
+     ["own samples only ['4.62', ", ", '3.50'] bits"]),
+]
+
+# Published figures the documents quote: the notebook must state them too, with the source.
+PUBLISHED = [
+    ("01", "3.17 to 3.94 characters per token",
+     ["3.17 to 3.94 characters per token", "section 3.2"]),
+    ("01", "up to 15% fewer tokens than Llama 2",
+     ["up to 15% fewer tokens", "Introducing Meta Llama 3"]),
+    ("06", "a hundredth for Llama 3 405B (8e-5 to 8e-7, the paper's section 3.4.1",
+     ["8e-5", "8e-7", "section 3.4.1"]),
+    ("07", "Springer et al. (2025), \"Overtrained Language Models Are Harder to Fine-Tune\"",
+     ["Springer et al. (2025)", "Overtrained Language Models Are Harder to Fine-Tune"]),
+    ("08", "Meta chose 8 and trained on about 800B long-context tokens",
+     ["about 800B tokens", "section 3.4.2"]),
+]
+
+
+def _check(number, phrase, wanted, document, source):
+    assert _squash(phrase) in document, f"the document no longer says: {phrase!r}"
+    for want in wanted:
+        ok = want.found_in(source) if isinstance(want, Near) else _squash(want) in _squash(source)
+        assert ok, (f"notebook {NOTEBOOKS[number].name} no longer shows {want!r}, which the "
+                    f"document quotes as: {phrase!r}")
+
+
+@pytest.mark.parametrize("number, phrase, wanted", TEACHING,
+                         ids=[f"{n}:{p[:40]}" for n, p, _ in TEACHING])
+def test_teaching_quotes_the_notebooks_stored_outputs(number, phrase, wanted):
+    _check(number, phrase, wanted, _doc("TEACHING.md"), outputs(number))
+
+
+@pytest.mark.parametrize("number, phrase, wanted", PUBLISHED,
+                         ids=[f"{n}:{p[:40]}" for n, p, _ in PUBLISHED])
+def test_published_figures_are_stated_in_the_notebook_with_their_source(number, phrase, wanted):
+    _check(number, phrase, wanted, _doc("TEACHING.md"), markdown(number))
+
+
+def test_teaching_figures_computed_from_the_package():
+    """Figures the guide quotes that no notebook prints: each equals the package's answer."""
+    doc = _doc("TEACHING.md")
+    a8 = get_preset("llama3-8b")
+    right = count_params_with_qkv_bias(a8)
+    kv = a8.kv_heads * a8.head_dim
+    wrong = {"wk and wv as wide as dim": num_params(a8) + a8.n_layers * 3 * a8.dim,
+             "a bias on wo": right + a8.n_layers * a8.dim,
+             "biases once": num_params(a8) + a8.dim + 2 * kv}
+    for number in (right, *wrong.values()):
+        assert f"{number:,}" in doc, f"TEACHING.md lacks {number:,} (chapter 00's exercise)"
+    ffn = ffn_params(4096, 1024, 1.3)
+    for number in (ffn, 2 * 4096 * 14336, 3 * 4096 * 21504, 3 * 4096 * 13312):
+        assert f"{number:,}" in doc, f"TEACHING.md lacks {number:,} (chapter 04's exercise)"
+    assert ffn == 3 * 4096 * 14336
+    assert f"{math.log(2):.3f} instead of 1.0 for two names" in doc
+    lily = name_entropy_bits(["Lily", "Lily", "Tom", "Mia"])
+    assert f"{math.log2(3):.3f} instead of {lily}" in doc
+
+
+def test_every_notebook_is_in_the_readme_map_and_has_a_teaching_section():
+    readme, teaching = _doc("README.md"), _doc("TEACHING.md")
+    for number, path in NOTEBOOKS.items():
+        assert f"(notebooks/{path.name})" in readme, f"README.md's course map lacks {path.name}"
+        assert f"### {number} · " in teaching, f"TEACHING.md has no section for notebook {number}"
