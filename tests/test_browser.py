@@ -175,13 +175,15 @@ def test_attention_explorer(notebook):
         return labels
 
     text = w.locator(".l3m-control-text input").input_value()
-    labels = expect_head(text, 1, 3, query=12)  # as the notebook left it: the copying head
-    assert labels[12] == "." and labels[11] == "·Nora"
+    # as the notebook left it: the copying head, the last token of a story that ends just
+    # before the friend's second mention, looking back at the friend's first mention
+    labels = expect_head(text, 1, 2)
+    assert labels[-1] == "." and "·Anna" in labels
     w.locator(".l3m-control-head select").select_option("0")  # another head: a new heatmap
-    expect_head(text, 1, 0, query=12)
+    expect_head(text, 1, 0)
     src = changed(page, w, src)
     w.locator(".l3m-control-layer select").select_option("0")
-    expect_head(text, 0, 0, query=12)
+    expect_head(text, 0, 0)
     src = changed(page, w, src)
     w.locator(".l3m-control-query select").select_option(f"5: {labels[5]}")
     expect_head(text, 0, 0, query=5)
