@@ -5,7 +5,10 @@
 A solution cell is a code cell tagged `solution` (its source collapsed in JupyterLab by
 `"jupyter": {"source_hidden": true}`). In the copy it keeps each function's name,
 signature and docstring, and its body becomes `raise NotImplementedError("your turn")`;
-imports stay, everything else in the cell goes. The solution cell's own outputs are
+imports stay, everything else in the cell goes, nbgrader's `### BEGIN SOLUTION` /
+`### END SOLUTION` markers with it (tools/grading.py puts them around each body, the same
+region nbgrader's own release replaces; the cells' nbgrader metadata is kept, so a teacher
+can collect these copies with nbgrader too). The solution cell's own outputs are
 cleared; every other cell, check cells included, is copied as it is, outputs and all.
 A copy already in student/ that differs from the one about to be written (a learner's work,
 or an older version of the course) is kept, with a warning, unless --force is given.
