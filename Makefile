@@ -53,9 +53,12 @@ OTHER_CPU := ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 test-other-cpu: $(STAMP)
 	$(OTHER_CPU) PYTHONHASHSEED=0 $(PY) -m pytest notebooks $(NBVAL) -q
 
-# The Python tests alone, without replaying the notebooks.
+# The quick tests, in under a minute: neither the notebooks nor the tests marked slow (over
+# ~2 s: subprocesses, training runs, torchrun, the site and wheel builds, nbgrader, the
+# browser), which `make test` runs. One thread: the tests' tiny models run fastest on one,
+# and far faster than on two when the machine is busy.
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -m "not slow"
 
 # Re-execute every notebook in place (after editing one), storing fresh outputs.
 notebooks: $(STAMP)

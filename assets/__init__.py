@@ -2,4 +2,4 @@
 
 Each folder (story-model/, byte-model/) holds model.safetensors, config.json,
 tokenizer.tiktoken, card.json and README.md; `make assets` (make_assets.py) writes them and
-`llama3_mini.train.load_pretrained(name)` reads them."""
+`llama3_mini.checkpoint.load_pretrained(name)` reads them."""

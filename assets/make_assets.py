@@ -21,18 +21,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llama3_mini.checkpoint import load_model, save_model  # noqa: E402
 from llama3_mini.config import get_preset, num_params  # noqa: E402
-from llama3_mini.data import (  # noqa: E402
-    entropy_bits_per_byte,
-    is_grammatical,
-    make_stories,
-    prepare_data,
-    split_documents,
-)
+from llama3_mini.data import prepare_data, split_documents  # noqa: E402
 from llama3_mini.generate import generate  # noqa: E402
 from llama3_mini.model import Transformer  # noqa: E402
+from llama3_mini.stories import entropy_bits_per_byte, is_grammatical, make_stories  # noqa: E402
 from llama3_mini.tokenizer import Tokenizer  # noqa: E402
-from llama3_mini.train import TrainConfig, Trainer, evaluate_bpb, load_model, save_model  # noqa: E402
+from llama3_mini.train import TrainConfig, Trainer, evaluate_bpb  # noqa: E402
 
 N_STORIES = 40_000
 VOCAB = 960  # BPE ranks; the stories have no pair left to merge beyond ~964
@@ -109,7 +105,7 @@ memorise one paragraph:
 Every window starts with `<|begin_of_text|>` at a sentence start. Final training loss
 {card['final_train_loss_nats']} nats per byte; {card['training_seconds']} s on
 {threads} CPU thread(s). Weights in float16.
-Load with `model, tokenizer = llama3_mini.train.load_pretrained("byte-model")`.
+Load with `model, tokenizer = llama3_mini.checkpoint.load_pretrained("byte-model")`.
 """)
     shutil.rmtree(out, ignore_errors=True)
     work.rename(out)
@@ -204,7 +200,7 @@ trained from scratch on the synthetic story corpus ({card['corpus']}), made by
 | grammatical samples | {card['grammatical_samples']} |
 
 Weights are stored in float16 (the numbers above are measured after that rounding).
-Load with `model, tokenizer = llama3_mini.train.load_pretrained()`.
+Load with `model, tokenizer = llama3_mini.checkpoint.load_pretrained()`.
 
 A sample: {card['sample']}
 """

@@ -12,9 +12,9 @@ import time
 import torch
 
 from llama3_mini.checkpoint import to_hf_model
-from llama3_mini.config import get_preset
+from llama3_mini.config import get_preset, pick_device
 from llama3_mini.generate import generate
-from llama3_mini.model import Transformer, pick_device
+from llama3_mini.model import Transformer
 
 
 def timed(fn):

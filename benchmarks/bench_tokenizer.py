@@ -19,6 +19,7 @@ import os
 import time
 
 from llama3_mini import tokenizer as T
+from llama3_mini.data import sample_text
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
@@ -55,8 +56,8 @@ def main():
     parser.add_argument("--teaching-full", action="store_true",
                         help="run the teaching trainer to the end (an hour or more per size)")
     args = parser.parse_args()
-    prose = T.sample_text("prose", int(args.mb * 1e6 / 2))  # all of it is ~465 KB
-    text = T.sample_text("code", int(args.mb * 1e6) - len(prose.encode("utf-8"))) + prose
+    prose = sample_text("prose", int(args.mb * 1e6 / 2))  # all of it is ~465 KB
+    text = sample_text("code", int(args.mb * 1e6) - len(prose.encode("utf-8"))) + prose
     n_bytes = len(text.encode("utf-8"))
     print(f"# Tokenizer benchmark: {n_bytes:,} bytes (stdlib code + Python docs prose), "
           f"{os.cpu_count()} CPU cores; HF tokenizers may use them all, ours use one\n")

@@ -31,9 +31,10 @@ from make_assets import SEQ_LEN, VOCAB, model_args  # noqa: E402
 
 from llama3_mini.cli import TEXT_DEFAULTS  # noqa: E402
 from llama3_mini.config import get_preset, num_params  # noqa: E402
-from llama3_mini.data import entropy_bits_per_byte, make_stories, prepare_data, split_documents  # noqa: E402,E501
+from llama3_mini.data import prepare_data, sample_text, split_documents  # noqa: E402
 from llama3_mini.model import Transformer  # noqa: E402
-from llama3_mini.tokenizer import Tokenizer, sample_text  # noqa: E402
+from llama3_mini.stories import entropy_bits_per_byte, make_stories  # noqa: E402
+from llama3_mini.tokenizer import Tokenizer  # noqa: E402
 from llama3_mini.train import TrainConfig, Trainer, evaluate_bpb  # noqa: E402
 
 

@@ -1,5 +1,10 @@
-"""Checkpoints: our names <-> Hugging Face's (tensors, config.json, tokenizer.json), and our
-own folders (config.json marked "format": "llama3-mini", model.safetensors), saved and loaded.
+"""The course's own checkpoints, saved and loaded, and our names (Meta's) <-> Hugging Face's.
+
+Our own folders: config.json (marked "format": "llama3-mini") and model.safetensors, written
+atomically (`save_model`, `load_model`, `load_checkpoint`); a training run's checkpoints and
+metrics (`save_checkpoint`, `latest_checkpoint`, `read_metrics`); the course's pretrained
+models (`load_pretrained`). hub.py reads and writes Meta's and Hugging Face's whole folders
+with the mapping below; hf_tokenizer.py holds Hugging Face's tokenizer.json.
 
 Meta's checkpoints and ours share names (`layers.0.attention.wq.weight`). Hugging Face
 renames every tensor and, for queries and keys, reorders rows: Meta rotates adjacent
@@ -11,11 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-from .config import ModelArgs
+from .config import ModelArgs, pick_device
 
 # Our (Meta's) name inside a block -> Hugging Face's name inside `model.layers.{i}`.
 _LAYER_NAMES = {
@@ -56,14 +62,11 @@ def hf_name(name: str) -> str:
     return f"model.layers.{i}.{_LAYER_NAMES[rest]}"
 
 
-_FROM_HF = {}  # filled lazily: Hugging Face name pattern -> ours
+_FROM_HF = {hf: ours for ours, hf in (_TOP_NAMES | _LAYER_NAMES).items()}
 
 
 def our_name(name: str) -> str:
     """Hugging Face's parameter name -> ours (the inverse of `hf_name`)."""
-    if not _FROM_HF:
-        _FROM_HF.update({v: k for k, v in _TOP_NAMES.items()})
-        _FROM_HF.update({v: k for k, v in _LAYER_NAMES.items()})
     if name in _FROM_HF:
         return _FROM_HF[name]
     if name.startswith("model.layers."):
@@ -103,18 +106,28 @@ def from_hf_state_dict(hf_state_dict: dict, args: ModelArgs) -> dict:
     return out
 
 
+def hf_config_dict(args: ModelArgs, tokenizer=None, dtype=torch.float32) -> dict:
+    """config.json of a Hugging Face Llama folder, in the fields Meta's own folders write."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "vocab_size": args.vocab_size, "hidden_size": args.dim,
+              "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+              "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads,
+              "head_dim": args.head_dim, "hidden_act": "silu",
+              "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
+              "rope_theta": args.rope_theta, "rope_scaling": hf_rope_scaling(args),
+              "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False,
+              "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."),
+              "use_cache": True}
+    if tokenizer is not None:
+        config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    return config
+
+
 def hf_config(args: ModelArgs, **extra):
-    """A transformers `LlamaConfig` describing the same model as `args`."""
+    """A transformers `LlamaConfig` for `args`: the fields of `hf_config_dict`, and `extra`."""
     from transformers import LlamaConfig  # a test/interop dependency, imported when needed
 
-    return LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-        num_key_value_heads=args.kv_heads, head_dim=args.head_dim, hidden_act="silu",
-        max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
-        rope_theta=args.rope_theta, rope_scaling=hf_rope_scaling(args),
-        tie_word_embeddings=args.tie_word_embeddings, attention_bias=False, mlp_bias=False,
-        **extra)
+    return LlamaConfig(**{**hf_config_dict(args), **extra})
 
 
 def hf_rope_scaling(args: ModelArgs) -> dict | None:
@@ -170,20 +183,14 @@ def to_hf_model(model):
     return hf.eval()
 
 
-def from_hf_model(hf_model):
-    """Our `Transformer` with a Hugging Face `LlamaForCausalLM`'s weights."""
-    from .model import Transformer
-
-    args = args_from_hf_config(hf_model.config)
-    model = Transformer(args).to(next(hf_model.parameters()).dtype)
-    model.load_state_dict(from_hf_state_dict(hf_model.state_dict(), args))
-    return model.eval()
-
-
 # ---------------------------------------------------------------------------------------------
 # Our own folders: config.json ({"format": "llama3-mini", "model_args": ..., ...}) and
-# model.safetensors in our names, written under a temporary name and renamed when complete.
+# model.safetensors in our names; a training checkpoint adds state.pt (optimizer, RNG, step).
+# Each is written under a temporary name and renamed when complete. A training run's folder
+# holds its checkpoints step_NNNNNN, `latest` (the newest complete one's name) and
+# metrics.jsonl (one row per step and evaluation).
 FORMAT = "llama3-mini"  # config.json's mark: a Hugging Face config says "model_type": "llama"
+TRAINING_STATE = "state.pt"
 
 
 def is_our_config(config: dict) -> bool:
@@ -216,9 +223,10 @@ def replace_dir(tmp: Path, folder: Path) -> None:
         os.rename(tmp, folder)
 
 
-def save_model(model, folder, dtype=None, **info) -> Path:
-    """Weights (safetensors) and config.json (model args plus `info`) into `folder`,
-    atomically: written beside it under a temporary name, then renamed."""
+def save_model(model, folder, dtype=None, state: dict | None = None, **info) -> Path:
+    """Weights (safetensors) and config.json (model args plus `info`) into `folder`, and
+    `state` as state.pt when given (a training checkpoint's optimizer, RNG, step...):
+    atomically, written beside it under a temporary name, then renamed."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -228,17 +236,44 @@ def save_model(model, folder, dtype=None, **info) -> Path:
     save_file(model_weights(model, dtype), str(tmp / "model.safetensors"))
     config = {"format": FORMAT, "model_args": model.params.to_dict(), **info}
     (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    if state is not None:
+        torch.save(state, tmp / TRAINING_STATE)
     replace_dir(tmp, folder)
     return folder
 
 
-def load_model(folder, device=None, dtype=torch.float32):
-    """A model saved by `save_model` (or a training checkpoint) and its config.json:
-    (model, info). A damaged or half-written model.safetensors is named, not a traceback."""
+def save_checkpoint(model, out_dir, step: int, state: dict, keep: int = 2, **info) -> Path:
+    """Training checkpoint out_dir/step_NNNNNN (`save_model` with `state`); then `latest`
+    names it (replaced by a rename, so it always names a complete checkpoint) and all but
+    the newest `keep` checkpoints are deleted."""
+    out_dir = Path(out_dir)
+    folder = save_model(model, out_dir / f"step_{step:06d}", state=state, step=step, **info)
+    pointer = out_dir / "latest.tmp"
+    pointer.write_text(folder.name)
+    os.replace(pointer, out_dir / "latest")
+    for old in sorted(out_dir.glob("step_*"))[:-keep]:
+        shutil.rmtree(old)
+    return folder
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    """The newest complete checkpoint under out_dir, or None."""
+    pointer = Path(out_dir) / "latest"
+    return Path(out_dir) / pointer.read_text().strip() if pointer.exists() else None
+
+
+def remove_unfinished(out_dir) -> None:
+    """Delete what saves that were killed before their rename left: never a checkpoint."""
+    for tmp in Path(out_dir).glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_weights(folder, dtype=torch.float32) -> tuple[dict, dict]:
+    """The state dict (tied output layer included) and config.json of a folder that
+    `save_model` wrote: (state, info). A damaged or half-written model.safetensors is named,
+    not a traceback."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from .model import Transformer, pick_device
 
     folder = Path(folder)
     if not (folder / "config.json").exists():
@@ -256,19 +291,25 @@ def load_model(folder, device=None, dtype=torch.float32):
     except SafetensorError as e:
         raise ValueError(f"{weights} is damaged or incomplete ({e}); it was not written to the "
                          f"end: use another checkpoint of the run, or train again") from None
-    model = Transformer(ModelArgs.from_dict(info["model_args"]))
-    if model.params.tie_word_embeddings:
+    if ModelArgs.from_dict(info["model_args"]).tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
+    return state, info
+
+
+def load_training_state(folder) -> dict:
+    """A training checkpoint's state.pt: optimizer, RNG, step, ... (`weights_only`)."""
+    return torch.load(Path(folder) / TRAINING_STATE, weights_only=True, map_location="cpu")
+
+
+def load_model(folder, device=None, dtype=torch.float32):
+    """A model saved by `save_model` (or a training checkpoint) and its config.json:
+    (model, info), on `device` (default: CUDA, then Apple MPS, then the CPU)."""
+    from .model import Transformer
+
+    state, info = load_weights(folder, dtype)
+    model = Transformer(ModelArgs.from_dict(info["model_args"]))
     model.load_state_dict(state)
     return model.to(pick_device(device)), info
-
-
-def latest_checkpoint(out_dir) -> Path | None:
-    """The newest complete checkpoint under out_dir, or None."""
-    pointer = Path(out_dir) / "latest"
-    if not pointer.exists():
-        return None
-    return Path(out_dir) / pointer.read_text().strip()
 
 
 def load_checkpoint(folder, device=None, dtype=torch.float32):
@@ -290,97 +331,68 @@ def load_checkpoint(folder, device=None, dtype=torch.float32):
     return model.eval(), Tokenizer.load(path), info
 
 
+def read_metrics(path) -> list[dict]:
+    """metrics.jsonl as one dict per step (a step's training and evaluation rows merged)."""
+    rows: dict[int, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows.setdefault(row["step"], {}).update(row)
+    return [rows[k] for k in sorted(rows)]
+
+
 # ---------------------------------------------------------------------------------------------
-# Export: a folder that Hugging Face's `transformers` (and any tool reading its folders) loads
-# with LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained.
-# Meta-Llama-3-8B-Instruct's chat template: the same ids as tokenizer.ChatFormat.
-CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | "
-    "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
-    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>"
-    "assistant<|end_header_id|>\n\n' }}{% endif %}")
+# The course's pretrained models: folders of save_model's layout with their tokenizer, made
+# by `make assets` and shipped as the package data `llama3_mini.assets`.
+def _assets_folder() -> Path:
+    """The pretrained models' folder: the checkout's top-level assets/ in an editable
+    install, a folder inside the installed package from a wheel."""
+    try:
+        return Path(str(resources.files("llama3_mini.assets")))
+    except ModuleNotFoundError:  # a checkout put on sys.path by hand, never installed
+        return Path(__file__).resolve().parent.parent / "assets"
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte, which tokenizer.json vocabularies use:
-    printable bytes stand for themselves, the others for chr(256 + n) (b' ' -> 'Ġ')."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    others = iter(range(256, 512))
-    return {b: chr(b) if b in keep else chr(next(others)) for b in range(256)}
+ASSETS = _assets_folder()
 
 
-def tokenizer_json(tokenizer) -> dict:
-    """Our tokenizer as a `tokenizers` byte-level BPE (the tokenizer.json of Meta's Hugging
-    Face folders). A token's id is its rank; the merges are every split of a token into two
-    tokens, ordered by the token's rank (as transformers converts tiktoken files), so that
-    BPE merges in tiktoken's order. {b"ab": 256} -> vocab {"a": 97, ..., "ab": 256},
-    merges ["a b"]."""
-    chars = bytes_to_unicode()
-    ranks = tokenizer.mergeable_ranks
-
-    def text(token: bytes) -> str:
-        return "".join(chars[b] for b in token)
-
-    merges = []
-    for token in sorted(ranks, key=ranks.get):
-        splits = [(token[:i], token[i:]) for i in range(1, len(token))
-                  if token[:i] in ranks and token[i:] in ranks]
-        merges += sorted(splits, key=lambda s: (ranks[s[0]], ranks[s[1]]))
-    special = [{"id": i, "content": name, "single_word": False, "lstrip": False,
-                "rstrip": False, "normalized": False, "special": True}
-               for name, i in tokenizer.special_tokens.items()]
-    bos = "<|begin_of_text|>"
-    template = {"type": "TemplateProcessing",  # encode(text) starts with <|begin_of_text|>
-                "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
-                           {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}},
-                         {"Sequence": {"id": "A", "type_id": 0}},
-                         {"SpecialToken": {"id": bos, "type_id": 1}},
-                         {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}}}
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                  "use_regex": False}
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": tokenizer.pattern}, "behavior": "Isolated",
-             "invert": False}, byte_level]},
-        "post_processor": {"type": "Sequence", "processors": [
-            {**byte_level, "trim_offsets": False}, template]},
-        "decoder": byte_level,
-        "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
-                  "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": True,  # a piece that is a token is taken whole (tiktoken)
-                  "vocab": {text(t): r for t, r in ranks.items()},
-                  "merges": [f"{text(a)} {text(b)}" for a, b in merges]}}
+def pretrained_models() -> list[str]:
+    """The names `load_pretrained` accepts: the asset folders that hold a model."""
+    if not ASSETS.is_dir():
+        return []
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "model.safetensors").is_file())
 
 
-def ranks_from_tokenizer_json(path) -> tuple[dict[bytes, int], dict[str, int]]:
-    """Hugging Face's tokenizer.json -> (mergeable ranks as tiktoken keeps them, special
-    tokens). In a byte-level BPE a token's id is its merge rank, so no merge is needed."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    decode = {c: b for b, c in bytes_to_unicode().items()}
-    ranks = {bytes(decode[c] for c in token): i for token, i in data["model"]["vocab"].items()}
-    special = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
-    return ranks, special
+def _is_device(value) -> bool:
+    try:
+        return torch.device(value) is not None
+    except (RuntimeError, TypeError):
+        return False
 
 
-def hf_config_dict(args: ModelArgs, tokenizer=None, dtype=torch.float32) -> dict:
-    """config.json of a Hugging Face Llama folder, in the fields Meta's own folders write."""
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-              "vocab_size": args.vocab_size, "hidden_size": args.dim,
-              "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
-              "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads,
-              "head_dim": args.head_dim, "hidden_act": "silu",
-              "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
-              "rope_theta": args.rope_theta, "rope_scaling": hf_rope_scaling(args),
-              "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False,
-              "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."),
-              "use_cache": True}
-    if tokenizer is not None:
-        config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
-    return config
+def load_pretrained(name="story-model", device=None, folder=None):
+    """One of the course's small pretrained models and its tokenizer: (model, tokenizer).
+
+    `name` picks a folder of the package's assets (made by `make assets`): "story-model",
+    trained on the story corpus, is the default; `pretrained_models()` lists them all.
+    `folder` loads a folder of the same layout from anywhere instead. The model is in eval
+    mode, on `device` (default: CUDA, then Apple MPS, then the CPU).
+
+        model, tokenizer = load_pretrained()                      # the story model
+        model, tokenizer = load_pretrained("byte-model", device="cpu")"""
+    name = "story-model" if name is None else name
+    if folder is None and device is None and name not in pretrained_models() \
+            and _is_device(name):
+        name, device = "story-model", name  # load_pretrained(device), the older call
+    if folder is None:
+        available = pretrained_models()
+        if name not in available:
+            raise FileNotFoundError(
+                f"no pretrained model {name!r} in {ASSETS}; the available models are: "
+                f"{', '.join(available) or 'none'} (`make assets` makes them in a checkout)")
+        folder = ASSETS / name
+    folder = Path(folder)
+    if not (folder / "model.safetensors").exists():
+        raise FileNotFoundError(f"no pretrained model in {folder}; run `make assets` to make it")
+    model, tokenizer, _ = load_checkpoint(folder, device)
+    return model, tokenizer

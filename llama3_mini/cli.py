@@ -115,8 +115,9 @@ def cmd_train(args) -> None:
     import torch
 
     from .config import get_preset
-    from .data import entropy_bits_per_byte, prepare_data, split_documents
+    from .data import prepare_data, split_documents
     from .model import Transformer
+    from .stories import entropy_bits_per_byte
     from .tokenizer import Tokenizer
     from .train import TrainConfig, Trainer
 
@@ -181,8 +182,7 @@ def cmd_train(args) -> None:
 
 
 def _load(args):
-    from .checkpoint import load_checkpoint
-    from .train import load_pretrained
+    from .checkpoint import load_checkpoint, load_pretrained
 
     if args.checkpoint is None:
         return load_pretrained(args.model, device=args.device)
@@ -191,8 +191,8 @@ def _load(args):
 
 
 def cmd_generate(args) -> None:
-    from .data import is_grammatical
     from .generate import generate
+    from .stories import is_grammatical
 
     model, tokenizer = _load(args)
     prompt = [tokenizer.bos_id] + tokenizer.encode(args.prompt)

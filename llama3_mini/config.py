@@ -1,17 +1,23 @@
-"""Model configuration: Meta's `ModelArgs`, the Llama 3 presets, and the arithmetic
-of parameters and KV-cache memory, computed without allocating a single weight."""
+"""Model configuration: Meta's `ModelArgs`, the Llama 3 presets, the arithmetic of
+parameters and KV-cache memory, computed without allocating a single weight, and the
+machine: bytes per dtype, GiB, and the device a new model or cache is built on."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+
+import torch
 
 # Bytes per element for the dtypes a learner is likely to ask about.
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2,
                "fp16": 2, "int8": 1, "fp8": 1, "int4": 0.5}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelArgs:
-    """The shape of a Llama 3 model. Field names follow Meta's `params.json`."""
+    """The shape of a Llama 3 model. Field names follow Meta's `params.json`.
+
+    Frozen: validated once, when made, and never changed after, so a preset or a model's
+    `params` can be shared without copies. `args.replace(dim=512)` makes a changed copy."""
 
     dim: int = 4096
     n_layers: int = 32
@@ -68,7 +74,7 @@ class ModelArgs:
             raise ValueError(f"rope_theta ({self.rope_theta}) must be positive")
 
     def replace(self, **changes) -> "ModelArgs":
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated, as every new ModelArgs is)."""
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -103,10 +109,10 @@ PRESETS: dict[str, ModelArgs] = {
 
 
 def get_preset(name: str) -> ModelArgs:
-    """A fresh copy of a preset, so that changing it never changes the table."""
+    """A preset by name (frozen: `get_preset("tiny").replace(n_layers=2)` for a variant)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name].replace()
+    return PRESETS[name]
 
 
 def param_counts(args: ModelArgs) -> dict[str, int]:
@@ -158,3 +164,16 @@ def kv_cache_bytes(args: ModelArgs, seq_len: int, batch_size: int = 1, dtype="bf
 
 
 GiB = 1024 ** 3
+
+
+def pick_device(device=None) -> torch.device:
+    """The device to build something new on (a model, a cache, a trainer): the one asked
+    for, else CUDA, then Apple MPS, then the CPU. A function given a model uses the model's
+    device instead (see the package docstring)."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

@@ -1,7 +1,7 @@
 """Supervised fine-tuning (SFT) for chat: an instruction dataset from the story grammar,
 loss on the assistant's tokens only, the training loop, and exact-match evaluation.
 
-Every story's choices are recoverable from its text (data.py), so each question about a
+Every story's choices are recoverable from its text (stories.py), so each question about a
 story has exactly one right answer: who the hero is, where the story happens, what the
 hero had, who the friend is. A model's answer is then checked by string equality."""
 from __future__ import annotations
@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import make_stories
-from .model import pick_device
+from .model import in_mode, model_device
+from .stories import make_stories, story_answers, story_opening
+from .train import TrainConfig, lr_at, make_optimizer
 
 IGNORE = -100  # cross_entropy's ignore_index: a target that adds nothing to the loss
 
@@ -29,27 +30,6 @@ QUESTIONS = {
 # its space, is one token both there and here), so the model can copy it from the prompt.
 ANSWERS = {"hero": "The hero is {}.", "place": "It happens in {}.",
            "thing": "It is about {}.", "friend": "The friend is {}."}
-
-
-def _a(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def story_answers(story) -> dict[str, str]:
-    """The fact each question asks for, read from the story's recorded choices."""
-    first = {}
-    for label, option in story.choices:
-        first.setdefault(label, option)
-    return {"hero": first["hero"], "place": first["place"],
-            "thing": f"{_a(first['color'])} {first['thing']}", "friend": first["friend"]}
-
-
-def story_opening(story) -> str:
-    """The story up to the sentence that names the friend: three or four sentences that
-    hold every answer, a fifth of the whole story (short prompts keep fine-tuning fast)."""
-    friend = story_answers(story)["friend"]
-    end = story.text.index(".", story.text.index(friend)) + 1
-    return story.text[:end]
 
 
 @dataclass
@@ -127,27 +107,31 @@ def finetune(model, encoded: list[tuple[list[int], int]], steps: int = 100,
              batch_size: int = 8, lr: float = 1e-3, warmup: int = 10, seed: int = 0,
              device=None, progress: bool = True) -> dict:
     """Train whatever parameters of the model require grad (all of them for full
-    fine-tuning; the adapters alone after `add_lora`) on random batches of examples.
-    Returns the losses, the seconds taken and the number of trainable parameters."""
-    device = pick_device(device)
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("no parameter requires grad: nothing to fine-tune")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    losses, start = [], time.perf_counter()
-    for step in tqdm(range(steps), disable=not progress, desc="fine-tuning"):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup)
-        inputs, targets = make_batch(rng.sample(encoded, min(batch_size, len(encoded))))
-        loss = sft_loss(model, inputs.to(device), targets.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
+    fine-tuning; the adapters alone after `add_lora`) on random batches of examples, with
+    the Trainer's AdamW (`make_optimizer`, without weight decay: it would pull the pretrained
+    weights towards zero) and schedule (`lr_at`: `warmup` steps up to `lr`, then a cosine
+    down to lr / 10), gradients clipped at norm 1. Returns the losses, the seconds taken and
+    the number of trainable parameters."""
+    device = model_device(model, device)  # the model's own: it is never moved
+    with in_mode(model, True):  # train mode for the loop, the caller's mode after it
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no parameter requires grad: nothing to fine-tune")
+        cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, min_lr=lr / 10,
+                          warmup_steps=warmup, weight_decay=0.0, seed=seed)
+        opt = make_optimizer(model, cfg)
+        rng = random.Random(seed)
+        losses, start = [], time.perf_counter()
+        for step in tqdm(range(steps), disable=not progress, desc="fine-tuning"):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr)
+            inputs, targets = make_batch(rng.sample(encoded, min(batch_size, len(encoded))))
+            loss = sft_loss(model, inputs.to(device), targets.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            losses.append(loss.item())
     return {"losses": losses, "seconds": time.perf_counter() - start,
             "trainable": sum(p.numel() for p in params)}
 

@@ -95,46 +95,61 @@ def _fit_prompts(prompts, max_new_tokens: int, max_seq_len: int, truncate: bool)
     return fitted
 
 
+def padding_mask(pads: torch.Tensor, start: int, end: int, dtype=torch.float32) -> torch.Tensor:
+    """Additive mask of left-padded prompts, for queries start..end-1 over keys 0..end-1:
+    (batch, 1, end - start, end), given pads (batch,), the padding before each prompt.
+
+    pads [1, 0], start 0, end 3 -> row 0 (one pad): [[0, -inf, -inf],
+                                                      [-inf, 0, -inf],
+                                                      [-inf, 0, 0]]
+                                   row 1 (none):     [[0, -inf, -inf],
+                                                      [0, 0, -inf],
+                                                      [0, 0, 0]]
+    pads [1, 0], start 2, end 3 -> row 0: [[-inf, 0, 0]], row 1: [[0, 0, 0]]"""
+    # Every prompt ends at the same position, so a row with p pads holds its own tokens
+    # from column p on: columns 0..p-1 are no part of its text, and every query of the row
+    # is masked from them, on top of the causal mask (the future). A padding query would
+    # then see no key at all: softmax over only -inf is NaN, and NaN reaches the real
+    # queries even through a weight of 0 (0 * NaN = NaN), so it sees itself instead; no
+    # real token ever looks at it. One query (a decode step) is the newest token: it may
+    # see every real key, so it needs no causal part (the shape Meta's mask has then).
+    device = pads.device
+    is_pad = torch.arange(end, device=device)[None, :] < pads[:, None]  # (batch, end)
+    mask = torch.zeros((len(pads), 1, 1, end), dtype=dtype, device=device)
+    mask.masked_fill_(is_pad[:, None, None, :], float("-inf"))  # (batch, 1, 1, end)
+    if end - start == 1:
+        return mask
+    mask = mask + causal_mask(end - start, start, device=device).to(dtype)  # (batch, 1, seq, end)
+    idx = torch.arange(start, end, device=device)
+    mask[:, :, idx - start, idx] = 0.0  # each query sees at least itself
+    return mask
+
+
 def generate_steps(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                    stop_tokens=(), use_cache: bool = True, truncate: bool = False,
-                   device=None, progress: bool = False, cache=None):
+                   progress: bool = False, cache=None):
     """The generation loop, one step at a time: yields (tokens (batch,), logits (batch, vocab),
     done (batch,)) after each step, where `done` marks the prompts that have produced a stop
-    token (at this step or before). `generate` and `stream` are built on it.
+    token (at this step or before). `generate` and `stream` are built on it. It runs on the
+    model's device (move the model to change it).
 
     cache: an existing `make_cache(...)` to fill (reset first), e.g. to watch it grow."""
     _check_sampling(temperature, top_k, top_p)
     prompts = _fit_prompts(prompts, max_new_tokens, model.params.max_seq_len, truncate)
-    if device is None:
-        device = next(model.parameters()).device
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
     bsz, plen = len(prompts), max(len(p) for p in prompts)
     total = plen + max_new_tokens
     tokens = torch.zeros((bsz, total), dtype=torch.long, device=device)  # left-padded
     pads = torch.tensor([plen - len(p) for p in prompts], device=device)  # (batch,)
     for b, p in enumerate(prompts):
         tokens[b, plen - len(p):plen] = torch.tensor(p, dtype=torch.long)
-    dtype = next(model.parameters()).dtype
-    key_mask = None  # (batch, 1, 1, total): -inf on the padding, where some prompt has any
-    if bool((pads > 0).any()):
-        is_pad = torch.arange(total, device=device)[None, :] < pads[:, None]  # (batch, total)
-        key_mask = torch.zeros((bsz, 1, 1, total), dtype=dtype, device=device)
-        key_mask.masked_fill_(is_pad[:, None, None, :], float("-inf"))
+    padded = bool((pads > 0).any())
 
     def mask_for(start: int, end: int):
-        """Additive mask for queries start..end-1 over keys 0..end-1, or None (default)."""
-        if key_mask is None:
-            return None
-        pad_keys = key_mask[..., :end]  # (batch, 1, 1, end)
-        if end - start == 1:
-            return pad_keys
-        causal = causal_mask(end - start, start, device=device).to(dtype)  # (seq, end)
-        mask = causal + pad_keys  # (batch, 1, seq, end)
-        # A padding query would see no key at all (NaN): let it see itself; no real token
-        # ever looks at it.
-        idx = torch.arange(start, end, device=device)
-        mask[:, :, idx - start, idx] = 0.0
-        return mask
+        """The model's own causal mask (None) unless some prompt is padded."""
+        return padding_mask(pads, start, end, dtype) if padded else None
 
     if use_cache:
         if cache is None:
@@ -167,7 +182,7 @@ def generate_steps(model, prompts, max_new_tokens: int, *, temperature: float = 
 
 def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_tokens=(), use_cache: bool = True, truncate: bool = False, device=None,
+             stop_tokens=(), use_cache: bool = True, truncate: bool = False,
              progress: bool = False) -> list[list[int]]:
     """New tokens for each prompt (a list of token-id lists), at most max_new_tokens each,
     ending before the first stop token (which is not included).
@@ -175,12 +190,13 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
     temperature 0 is greedy; seed makes sampling reproducible; use_cache=False recomputes
     the whole sequence at every step (slow: for comparison). A prompt plus max_new_tokens
     longer than the model's max_seq_len raises, unless truncate=True keeps the prompt's
-    last tokens. device defaults to the model's (place it with `pick_device()`)."""
+    last tokens. It runs on the model's device: place the model first, e.g.
+    `model.to(pick_device())`."""
     steps = []
     for nxt, _, _ in generate_steps(
             model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, stop_tokens=stop_tokens, use_cache=use_cache, truncate=truncate,
-            device=device, progress=progress):
+            progress=progress):
         steps.append(nxt)
     rows = torch.stack(steps, dim=1).tolist()  # (batch, steps)
     stops = {int(t) for t in stop_tokens}

@@ -12,10 +12,12 @@ Hugging Face's format (what `huggingface-cli download meta-llama/...` gives):
     tokenizer.json          the same BPE, as Hugging Face's tokenizers library stores it
                             (and often original/tokenizer.model, Meta's file)
 
-The course's own folders (config.json with "model_args") load here too, and `save_hf` /
-`export_hf` write a course model as a Hugging Face folder. (The folder loaders and writers
-live here rather than in checkpoint.py, which holds the name mapping and our own save/load,
-to keep each module short.)"""
+This module reads and writes those whole folders: Meta's (`save_meta`, `load_meta`, the
+model-parallel shards), Hugging Face's (`load_hf`, `save_hf`, `export_hf`), and
+`Llama.from_pretrained`, which tells the formats apart and also takes the course's own
+folders. The pieces it assembles live where they belong: the name mapping and our own
+folders in checkpoint.py, tokenizer.json in hf_tokenizer.py, tokenizer.model in
+tokenizer.py."""
 from __future__ import annotations
 
 import json
@@ -27,7 +29,6 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (
-    CHAT_TEMPLATE,
     FORMAT,
     args_from_hf_config,
     from_hf_state_dict,
@@ -35,12 +36,11 @@ from .checkpoint import (
     is_our_config,
     load_checkpoint,
     model_weights,
-    ranks_from_tokenizer_json,
     to_hf_state_dict,
-    tokenizer_json,
 )
-from .config import ModelArgs
-from .model import Transformer, pick_device
+from .config import ModelArgs, pick_device
+from .hf_tokenizer import CHAT_TEMPLATE, ranks_from_tokenizer_json, tokenizer_json
+from .model import Transformer
 from .rope import freqs_cis_for
 
 META_WEIGHTS = "consolidated.*.pth"
@@ -373,7 +373,7 @@ class Llama:
             raise ValueError(f"{self.source} has no tokenizer.model or tokenizer.json; "
                              "chat needs one")
         prompt = ChatFormat(self.tokenizer).encode_dialog_prompt(dialog)
-        out = generate(self.model, [prompt], max_new_tokens, device=self.device,
+        out = generate(self.model, [prompt], max_new_tokens,
                        stop_tokens=tuple(self.tokenizer.stop_tokens), **sampling)[0]
         stops = set(self.tokenizer.stop_tokens)
         return self.tokenizer.decode([t for t in out if t not in stops])

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelArgs
-from .model import pick_device
+from .config import ModelArgs, pick_device
 
 
 class KVCache:
@@ -116,7 +115,7 @@ def make_cache(model_or_args, batch_size: int = 1, max_seq_len: int | None = Non
     """One `KVCache` per layer for a `Transformer` or a `ModelArgs`.
 
     max_seq_len defaults to the config's; dtype and device default to the model's
-    parameters' (a `ModelArgs` has none: float32 on `pick_device()`)."""
+    parameters' (a `ModelArgs` has none: float32 on `pick_device()`, the best device)."""
     if isinstance(model_or_args, ModelArgs):
         args, param = model_or_args, None
     elif isinstance(getattr(model_or_args, "params", None), ModelArgs):

@@ -5,6 +5,7 @@ an object passed in (see kv_cache.py) rather than a buffer inside each layer."""
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -12,17 +13,6 @@ from torch import nn
 
 from .config import ModelArgs
 from .rope import apply_rotary_emb, freqs_cis_for
-
-
-def pick_device(device=None) -> torch.device:
-    """The device to use: the one asked for, else CUDA, then Apple MPS, then CPU."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 class RMSNorm(nn.Module):
@@ -51,7 +41,11 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 def causal_mask(seqlen: int, start_pos: int = 0, device=None) -> torch.Tensor:
     """Additive mask (seqlen, start_pos + seqlen): 0 where a query may look, -inf in its
-    future. The first start_pos columns are cached positions, all in the past."""
+    future. causal_mask(2, start_pos=1) -> [[0, 0, -inf], [0, 0, 0]]."""
+    # With a KV cache only the new tokens are queries, but they look at every key so far:
+    # the scores are (seqlen, start_pos + seqlen), and row i is the token at position
+    # start_pos + i. The only masked entries are (i, j) with j > start_pos + i, its future;
+    # the first start_pos columns are cached positions, all in every query's past.
     mask = torch.full((seqlen, seqlen), float("-inf"), device=device).triu(diagonal=1)
     return torch.hstack([torch.zeros((seqlen, start_pos), device=device), mask])
 
@@ -68,7 +62,17 @@ def attention(q, k, v, mask=None):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """Grouped-query attention with RoPE: n_heads query heads share n_kv_heads key/value
+    heads, n_rep = n_heads // n_kv_heads each.
+
+    One code path to read: the explicit one below, as Meta's reference writes it (repeat_kv,
+    then `attention`). By default the same numbers come from torch's fused
+    `scaled_dot_product_attention`, faster and without the (seq, total) weights in memory;
+    `fused` is chosen per model, not per call (`Transformer.set_fast_attention(False)` runs
+    the explicit path: to step through it, count its FLOPs, or compare bit for bit). Nothing
+    here keeps the weights: widgets.attention_weights recomputes them with a forward hook."""
+
+    def __init__(self, args: ModelArgs, fused: bool = True):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.n_rep = self.n_heads // self.n_kv_heads
@@ -76,9 +80,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
-        self.use_sdpa = True  # False: the explicit path, which can keep its weights
-        self.keep_attn = False  # True: store the last attention weights in self.attn_weights
-        self.attn_weights = None
+        self.fused = fused  # the kernel, chosen for the whole model: set_fast_attention
 
     def forward(self, x, freqs_cis, mask=None, cache=None, start_pos: int = 0):
         bsz, seqlen, _ = x.shape
@@ -89,7 +91,7 @@ class Attention(nn.Module):
         if cache is not None:  # keys and values of every position so far: (b, total, kv, hd)
             xk, xv = cache.update(start_pos, xk, xv)
         q = xq.transpose(1, 2)  # (bsz, n_heads, seqlen, head_dim)
-        if self.use_sdpa and not self.keep_attn:
+        if self.fused:
             # The fused kernel shares each KV head among its query heads itself, without
             # the copy that repeat_kv makes (the same result; tests/test_model.py checks).
             out = F.scaled_dot_product_attention(q, xk.transpose(1, 2), xv.transpose(1, 2),
@@ -97,8 +99,7 @@ class Attention(nn.Module):
         else:
             keys = repeat_kv(xk, self.n_rep).transpose(1, 2)  # (bsz, n_heads, total, head_dim)
             values = repeat_kv(xv, self.n_rep).transpose(1, 2)
-            out, weights = attention(q, keys, values, mask)
-            self.attn_weights = weights.detach() if self.keep_attn else None
+            out, _ = attention(q, keys, values, mask)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
         return self.wo(out)
 
@@ -133,8 +134,7 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        args.validate()
-        self.params = args
+        self.params = args  # frozen, validated when it was made
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, eps=args.norm_eps)
@@ -154,9 +154,10 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def set_fast_attention(self, enabled: bool = True) -> "Transformer":
-        """Choose `scaled_dot_product_attention` (True) or the explicit path (False)."""
+        """Every layer's attention through `scaled_dot_product_attention` (True, the
+        default) or the explicit path (False): the same numbers. Returns the model."""
         for layer in self.layers:
-            layer.attention.use_sdpa = enabled
+            layer.attention.fused = enabled
         return self
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache=None, mask=None):
@@ -174,8 +175,39 @@ class Transformer(nn.Module):
         if self.freqs_cis.device != h.device:
             self.freqs_cis = self.freqs_cis.to(h.device)
         freqs_cis = self.freqs_cis[start_pos: start_pos + seqlen]
-        if mask is None and seqlen > 1:
+        if mask is None and seqlen > 1:  # one query (a decode step) may see every key so far
             mask = causal_mask(seqlen, start_pos, device=h.device).to(h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs_cis, mask, None if cache is None else cache[i], start_pos)
         return self.output(self.norm(h)).float()
+
+
+def model_device(model: nn.Module, device=None) -> torch.device:
+    """The device a function given a model works on: the model's own (that of its first
+    parameter). Such a function never moves the model; a `device` it still accepts must name
+    that same device, or this raises."""
+    own = next(model.parameters()).device
+    if device is not None:
+        asked = torch.device(device)
+        if asked.type != own.type or asked.index not in (None, own.index):
+            raise ValueError(f"the model is on {own}, not {asked}; move it first "
+                             f"(model.to({str(asked)!r})) or leave device out")
+    return own
+
+
+@contextmanager
+def in_mode(model: nn.Module, training: bool):
+    """Run the with-block with `model` in train (True) or eval (False) mode, then give every
+    submodule back the mode it had: a function that switches a model's mode restores it."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+
+
+def evaluating(model: nn.Module):
+    """`with evaluating(model): ...`: eval mode for the block, the caller's mode after it."""
+    return in_mode(model, False)

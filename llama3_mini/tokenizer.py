@@ -7,7 +7,6 @@ import binascii
 import heapq
 import importlib.util
 import re
-import sysconfig
 import warnings
 from collections import Counter, defaultdict
 from itertools import pairwise
@@ -46,27 +45,6 @@ def llama3_tokenizer_path() -> Path | None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "tokenizer" / "tokenizer.model"
     return path if path.is_file() else None
-
-
-def sample_text(kind: str, max_bytes: int = 300_000) -> str:
-    """Text every Python install has: "code" (the standard library's source, files in sorted
-    order), "prose" (the Python docs' topics, English) or "cjk" (Chinese, Japanese and Korean
-    test texts from Lib/test, empty where a distribution leaves Lib/test out)."""
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    if kind == "code":
-        parts = (p.read_text("utf-8", "replace") for p in sorted(lib.glob("*.py")))
-    elif kind == "prose":
-        from pydoc_data.topics import topics
-        parts = (topics[k] for k in sorted(topics))
-    elif kind == "cjk":
-        files = sorted((lib / "test" / "cjkencodings").glob("*-utf8.txt"))
-        parts = iter(dict.fromkeys(p.read_text("utf-8") for p in files))  # each text once
-    else:
-        raise ValueError(f"unknown kind {kind!r}; choose 'code', 'prose' or 'cjk'")
-    out = []
-    while sum(len(o) for o in out) < max_bytes and (part := next(parts, None)) is not None:
-        out.append(part.encode("utf-8") + b"\n")
-    return b"".join(out)[:max_bytes].decode("utf-8", "ignore")
 
 
 # --- BPE, the teaching version ----------------------------------------------------------
@@ -138,7 +116,9 @@ def train_fast(text: str, vocab_size: int, pattern: str = SPLIT_PATTERN,
                progress: bool = True) -> dict[bytes, int]:
     """The same merges as train_teaching, fast: each distinct piece is kept once with its
     count; pair counts are updated only in the pieces a merge touches; a heap finds the
-    most frequent pair (stale heap entries are re-pushed with their current count)."""
+    most frequent pair (stale heap entries are re-pushed with their current count).
+    ("aaab aaab", 259) -> the bytes + {b"aa": 256, b"ab": 257, b"aaab": 258}: (256, a) and
+    (a, b) both occur twice after aa, and the tie goes to the smaller ids, (97, 98)."""
     vocab, ranks = _single_bytes(vocab_size)
     pieces = Counter(regex.findall(pattern, text))
     words = [list(piece.encode("utf-8")) for piece in pieces]
@@ -201,7 +181,9 @@ def bpe_merge(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
 
 def bpe_merge_heap(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
     """The same result as bpe_merge in O(n log n): parts in a linked list, candidate pairs
-    in a heap keyed (rank, position); an entry is stale once either of its parts changed."""
+    in a heap keyed (rank, position); an entry is stale once either of its parts changed.
+    With train_fast's example ranks: b"aaab" -> a|a|a|b -> aa|a|b -> aa|ab -> [258] (aaab);
+    b"baaa" -> [98, 256, 97] (b|aa|a: the leftmost aa wins, and "aaa" is no token)."""
     n = len(piece)
     parts = [piece[i:i + 1] for i in range(n)]
     nxt, prv, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
@@ -240,7 +222,8 @@ def _may_have_long_run(part: str) -> bool:
 
 def _chunks(text: str):
     """Meta's slicing: 400,000-character slices, and runs of more than 25,000 spaces (or of
-    non-spaces) cut every 25,000 characters, so that no piece is huge."""
+    non-spaces) cut every 25,000 characters, so that no piece is huge. Lengths of the pieces:
+    "a" * 60_000 -> [25000, 25000, 10000]; "ab " * 200_000 -> [400000, 200000]."""
     for start in range(0, len(text), MAX_ENCODE_CHARS):
         part, cut = text[start:start + MAX_ENCODE_CHARS], 0
         if _may_have_long_run(part):

@@ -11,34 +11,26 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# checkpoint.py saves and loads our folders; save_model and load_model stay importable here.
-from .checkpoint import latest_checkpoint, load_model, replace_dir, save_model
+from .checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    load_weights,
+    read_metrics,
+    remove_unfinished,
+    save_checkpoint,
+)
+from .config import pick_device
 from .data import TokenData, batch_at
-from .model import Transformer, pick_device
-
-
-def _assets_folder() -> Path:
-    """The pretrained models' folder: the package data `llama3_mini.assets`, which is the
-    checkout's top-level assets/ in an editable install and a folder inside the installed
-    package from a wheel."""
-    try:
-        return Path(str(resources.files("llama3_mini.assets")))
-    except ModuleNotFoundError:  # a checkout put on sys.path by hand, never installed
-        return Path(__file__).resolve().parent.parent / "assets"
-
-
-ASSETS = _assets_folder()
+from .model import Transformer, evaluating, model_device
 
 
 @dataclass
@@ -122,80 +114,36 @@ def evaluate_bpb(model, rows: torch.Tensor, token_bytes: torch.Tensor, batch_siz
                  bf16: bool = False, device=None) -> dict:
     """Bits per byte of whole documents: the summed loss of every predicted token, in bits,
     over the UTF-8 bytes those tokens stand for. rows: (n, seq_len + 1), pad -100."""
-    device = pick_device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    device = model_device(model, device)  # the model's own; a device given must name it
     nll, n_bytes, n_tokens = 0.0, 0.0, 0
-    for chunk in rows.split(batch_size):
-        chunk = chunk.to(device)
-        inputs, targets = chunk[:, :-1].clamp(min=0), chunk[:, 1:]  # pads only follow a row
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(inputs)  # (batch, seq_len, vocab_size)
-        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
-                               reduction="sum").item()
-        real = targets[targets >= 0]
-        n_bytes += token_bytes.to(device)[real].sum().item()
-        n_tokens += real.numel()
-    model.train(was_training)
+    with evaluating(model):
+        for chunk in rows.split(batch_size):
+            chunk = chunk.to(device)
+            inputs, targets = chunk[:, :-1].clamp(min=0), chunk[:, 1:]  # pads only follow a row
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(inputs)  # (batch, seq_len, vocab_size)
+            nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                   reduction="sum").item()
+            real = targets[targets >= 0]
+            n_bytes += token_bytes.to(device)[real].sum().item()
+            n_tokens += real.numel()
     return {"val_loss": nll / max(1, n_tokens), "val_bpb": nll / math.log(2) / max(1.0, n_bytes)}
 
 
-def pretrained_models() -> list[str]:
-    """The names `load_pretrained` accepts: the asset folders that hold a model."""
-    if not ASSETS.is_dir():
-        return []
-    return sorted(p.name for p in ASSETS.iterdir() if (p / "model.safetensors").is_file())
-
-
-def _is_device(value) -> bool:
-    if isinstance(value, torch.device):
-        return True
-    try:
-        torch.device(value)
-    except (RuntimeError, TypeError):
-        return False
-    return True
-
-
-def load_pretrained(name="story-model", device=None, folder=None):
-    """One of the course's small pretrained models and its tokenizer: (model, tokenizer).
-
-    `name` picks a folder of the package's assets (made by `make assets`): "story-model",
-    trained on the story corpus, is the default; `pretrained_models()` lists them all.
-    `folder` loads a folder of the same layout from anywhere instead. The model is in eval
-    mode, on `device` (default: CUDA, then Apple MPS, then the CPU).
-
-        model, tokenizer = load_pretrained()                      # the story model
-        model, tokenizer = load_pretrained("byte-model", device="cpu")"""
-    from .tokenizer import Tokenizer
-
-    name = "story-model" if name is None else name
-    if folder is None and device is None and name not in pretrained_models() \
-            and _is_device(name):
-        name, device = "story-model", name  # load_pretrained(device), the older call
-    if folder is None:
-        available = pretrained_models()
-        if name not in available:
-            raise FileNotFoundError(
-                f"no pretrained model {name!r} in {ASSETS}; the available models are: "
-                f"{', '.join(available) or 'none'} (`make assets` makes them in a checkout)")
-        folder = ASSETS / name
-    folder = Path(folder)
-    if not (folder / "model.safetensors").exists():
-        raise FileNotFoundError(f"no pretrained model in {folder}; run `make assets` to make it")
-    model, info = load_model(folder, device)
-    model.eval()
-    return model, Tokenizer.load(folder / info["tokenizer"])
-
-
-def read_metrics(path) -> list[dict]:
-    """metrics.jsonl as one dict per step (a step's training and evaluation rows merged)."""
-    rows: dict[int, dict] = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows.setdefault(row["step"], {}).update(row)
-    return [rows[k] for k in sorted(rows)]
+@torch.no_grad()
+def text_bits_per_byte(model, tokenizer, text: str) -> float:
+    """The bits the model pays for the tokens of `text` after <|begin_of_text|>, over the
+    text's UTF-8 bytes: the sum of -log2 p(token | what precedes it) / len(text.encode()).
+    The text must fit the model's window (max_seq_len tokens with the <|begin_of_text|>)."""
+    ids = tokenizer.encode(text, bos=True)
+    if not 1 < len(ids) <= model.params.max_seq_len:
+        raise ValueError(f"{len(ids)} tokens with <|begin_of_text|>: need 2 to max_seq_len "
+                         f"({model.params.max_seq_len}); cut the text into pieces")
+    ids = torch.tensor([ids], device=model_device(model))
+    with evaluating(model):
+        logits = model(ids[:, :-1]).float()  # (1, n - 1, vocab_size)
+    nats = F.cross_entropy(logits[0], ids[0, 1:], reduction="sum").item()
+    return nats / math.log(2) / len(text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,52 +187,39 @@ class Trainer:
         self.step, self.history, self.last_checkpoint = 0, [], None
         self.tokens_seen, self.seconds, self.clock = 0, 0.0, clock or time.perf_counter
         self.step_seconds, self.warmup_seconds, self.lr = 0.0, None, None  # for lr_in_budget
-        if self.out_dir and resume and latest_checkpoint(self.out_dir):
-            self.resume(latest_checkpoint(self.out_dir))
+        if self.out_dir and resume and (found := latest_checkpoint(self.out_dir)):
+            self.resume(found)
 
     # -- checkpoints ----------------------------------------------------------------------
     def save(self) -> Path | None:
-        """Checkpoint folder step_NNNNNN: weights, config and the state to resume."""
+        """Checkpoint out_dir/step_NNNNNN: weights, config and the state to resume. The batches
+        need no saving: `batch_at` draws step s's batch from (seed, s) alone."""
         if self.out_dir is None or self.rank != 0:
             return None
-        folder = self.out_dir / f"step_{self.step:06d}"
-        tmp = save_model(self.model, folder.with_name(f".tmp-{folder.name}"),
-                         train_config=asdict(self.cfg), step=self.step, seconds=self.seconds,
-                         tokenizer=self.tokenizer_path, tokens_seen=self.tokens_seen,
-                         metrics=self.history[-1] if self.history else {})
-        if os.environ.get("LLAMA3_MINI_SLOW_SAVE"):  # tests: a window to kill a save in
-            print(f"saving step {self.step}", flush=True)
-            time.sleep(float(os.environ["LLAMA3_MINI_SLOW_SAVE"]))
-        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step,
-                    "torch_rng": torch.get_rng_state(), "tokens_seen": self.tokens_seen,
-                    "seconds": self.seconds, "data_position": {"seed": self.cfg.seed,
-                                                               "step": self.step},
-                    "schedule": (self.step_seconds, self.warmup_seconds, self.lr)},
-                   tmp / "state.pt")
-        replace_dir(tmp, folder)
-        pointer = self.out_dir / "latest.tmp"
-        pointer.write_text(folder.name)
-        os.replace(pointer, self.out_dir / "latest")
-        for old in sorted(self.out_dir.glob("step_*"))[:-self.cfg.keep]:
-            shutil.rmtree(old)
-        self.last_checkpoint = folder
-        return folder
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "torch_rng": torch.get_rng_state(), "tokens_seen": self.tokens_seen,
+                 "seconds": self.seconds,
+                 "schedule": (self.step_seconds, self.warmup_seconds, self.lr)}
+        self.last_checkpoint = save_checkpoint(
+            self.model, self.out_dir, self.step, state, keep=self.cfg.keep,
+            train_config=asdict(self.cfg), seconds=self.seconds, tokenizer=self.tokenizer_path,
+            tokens_seen=self.tokens_seen, metrics=self.history[-1] if self.history else {})
+        return self.last_checkpoint
 
     def resume(self, folder) -> None:
         """Continue from a checkpoint: weights, optimizer, RNG, step and metrics so far."""
         folder = Path(folder)
-        model, _ = load_model(folder, "cpu")
-        self.model.load_state_dict(model.state_dict())
-        state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
+        weights, _ = load_weights(folder)
+        self.model.load_state_dict(weights)
+        state = load_training_state(folder)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.seconds, self.last_checkpoint = state["seconds"], folder
         # a run by time continues its schedule (lr_in_budget) where it was
         self.step_seconds, self.warmup_seconds, self.lr = state.get("schedule", (0.0, 0.0, None))
-        for tmp in self.out_dir.glob(".tmp-*"):  # a save that was killed: never complete
-            shutil.rmtree(tmp, ignore_errors=True)
-        log = self.out_dir / "metrics.jsonl"
+        remove_unfinished(self.out_dir)
+        log = self.out_dir / "metrics.jsonl"  # rows past the checkpoint will be trained again
         if log.exists():
             self.history = [r for r in read_metrics(log) if r["step"] <= self.step]
             if self.rank == 0:
@@ -292,16 +227,36 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------
     def train_step(self) -> float:
-        """One optimizer step (grad_accum micro-batches); returns the mean loss (nats)."""
+        """One optimizer step: set the learning rate, take this process's share of the batch,
+        accumulate its gradients, average over the processes, clip, step. Returns the mean
+        loss (nats)."""
         cfg = self.cfg
-        lr = self.lr = self.learning_rate()
+        self.lr = self.learning_rate()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.lr
         inputs, targets = batch_at(self.data.train, self.step, cfg.batch_size, cfg.seq_len,
                                    cfg.seed, self.rank, self.world)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
-        total = torch.zeros((), device=self.device)
         n_bytes = self.data.token_bytes.to(self.device)[targets].sum()  # bytes of this share
+        loss = self._all_processes(self._backward(inputs, targets), mean=True)
+        n_bytes = self._all_processes(n_bytes)
+        self._stop_if_not_finite(loss)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += cfg.batch_size * cfg.seq_len
+        bytes_per_token = n_bytes / (cfg.batch_size * cfg.seq_len)
+        self._log({"step": self.step, "loss": loss, "lr": self.lr, "grad_norm": norm.item(),
+                   "bpb": loss / math.log(2) / max(bytes_per_token, 1e-9)})  # train bits/byte
+        return loss
+
+    def _backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward and backward over cfg.grad_accum micro-batches, the gradients summed (DDP
+        averages them over the processes at the last one only: no_sync before it). Returns
+        this process's mean loss, a tensor."""
+        cfg = self.cfg
+        total = torch.zeros((), device=self.device)
         micro = zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum), strict=True)
         for i, (x, y) in enumerate(micro):
             last = i == cfg.grad_accum - 1
@@ -311,26 +266,24 @@ class Trainer:
                 loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
+        return total
+
+    def _all_processes(self, value: torch.Tensor, mean: bool = False) -> float:
+        """A tensor summed (or averaged) over the processes, as a number."""
         if self.world > 1:
-            dist.all_reduce(total)
-            dist.all_reduce(n_bytes)
-            total /= self.world
-        loss = total.item()
-        bytes_per_token = n_bytes.item() / (cfg.batch_size * cfg.seq_len)
+            dist.all_reduce(value)
+            if mean:
+                value /= self.world
+        return value.item()
+
+    def _stop_if_not_finite(self, loss: float) -> None:
+        """A NaN or infinite loss stops the run before the step, naming what to do."""
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             where = self.last_checkpoint or "none saved yet"
             raise FloatingPointError(f"loss is {loss} at step {self.step}; last good checkpoint: "
                                      f"{where}. Lower the learning rate or turn bf16 off, "
                                      "then resume from that checkpoint.")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.tokens_seen += cfg.batch_size * cfg.seq_len
-        self._log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm.item(),
-                   "bpb": loss / math.log(2) / max(bytes_per_token, 1e-9)})  # train bits/byte
-        return loss
 
     def learning_rate(self) -> float:
         """The next step's: `lr_at` over cfg.steps, or `lr_in_budget` over cfg.max_minutes."""
@@ -344,6 +297,27 @@ class Trainer:
         """Time is up: the budget is spent and the last step ran at the floor learning rate."""
         return (self.cfg.max_minutes is not None and self.lr == self.cfg.min_lr
                 and self.seconds >= self.cfg.max_minutes * 60)
+
+    def finished(self) -> bool:
+        """cfg.steps are done, or the time budget is (`out_of_time`)."""
+        return (self.cfg.steps is not None and self.step >= self.cfg.steps) or self.out_of_time()
+
+    def _count_time(self, seconds: float) -> None:
+        """Training time so far is `seconds`: under torchrun the slowest process's, so that
+        every process takes the same lr and stops at the same step. Marks the end of the
+        warm-up when it comes (see lr_in_budget)."""
+        if self.world > 1:
+            seconds = torch.tensor(seconds, dtype=torch.float64, device=self.device)
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+            seconds = seconds.item()
+        self.step_seconds, self.seconds = seconds - self.seconds, seconds
+        budget = 60 * self.cfg.max_minutes if self.cfg.max_minutes else math.inf
+        if self.warmup_seconds is None and (self.step >= self.cfg.warmup_steps
+                                            or self.seconds >= WARMUP_SHARE * budget):
+            self.warmup_seconds = self.seconds
+
+    def _every(self, n: int) -> bool:
+        return bool(n) and self.step % n == 0
 
     def evaluate(self) -> dict:
         return evaluate_bpb(self.model, self.data.val_rows, self.data.token_bytes,
@@ -366,25 +340,16 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        budget = 60 * cfg.max_minutes if cfg.max_minutes else math.inf
         bar = tqdm(total=cfg.steps, initial=self.step, desc="training",
                    disable=not progress or self.rank != 0)
         start = self.clock() - self.seconds
-        while (cfg.steps is None or self.step < cfg.steps) and not self.out_of_time():
+        while not self.finished():
             loss = self.train_step()
-            now = self.clock() - start
-            if self.world > 1:  # every process takes the same time, so the same lr and end
-                now = torch.tensor(now, dtype=torch.float64, device=self.device)
-                dist.all_reduce(now, op=dist.ReduceOp.MAX)
-                now = now.item()
-            self.step_seconds, self.seconds = now - self.seconds, now
-            if self.warmup_seconds is None and (self.step >= cfg.warmup_steps
-                                                or self.seconds >= WARMUP_SHARE * budget):
-                self.warmup_seconds = self.seconds  # the warm-up is over (see lr_in_budget)
-            done = self.step == cfg.steps or self.out_of_time()
-            if done or (cfg.eval_every and self.step % cfg.eval_every == 0):
+            self._count_time(self.clock() - start)
+            done = self.finished()
+            if done or self._every(cfg.eval_every):
                 self._log({"step": self.step, **self.evaluate()})
-            if self.out_dir and (done or (cfg.save_every and self.step % cfg.save_every == 0)):
+            if self.out_dir and (done or self._every(cfg.save_every)):
                 self.save()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")

@@ -22,8 +22,8 @@ except ImportError as error:
                       "pip install 'llama3-mini[course]'") from error
 
 from .config import GiB, get_preset, kv_cache_bytes, weight_bytes
-from .model import pick_device
-from .rope import apply_scaling, rope_frequencies
+from .model import attention, evaluating, model_device, repeat_kv
+from .rope import apply_rotary_emb, apply_scaling, rope_frequencies
 
 
 class Explorer(widgets.VBox):
@@ -158,20 +158,30 @@ def rope_explorer(head_dim: int = 128, theta: float = 500000.0, position: int = 
 @torch.no_grad()
 def attention_weights(model, tokens: torch.Tensor, device=None) -> torch.Tensor:
     """Every layer's attention weights for one sequence: tokens (seq,) ->
-    (n_layers, n_heads, seq, seq), float32 on the CPU. Uses the explicit attention path
-    for this one call and leaves the model as it found it."""
-    device = pick_device(device)
-    model.to(device)
-    attns = [layer.attention for layer in model.layers]
-    kept = [a.keep_attn for a in attns]
+    (n_layers, n_heads, seq, seq), float32 on the CPU. A forward hook on each `Attention`
+    recomputes them from the layer's inputs along the explicit path, so the model runs
+    unchanged (fused or not), on its own device (`device`, if given, must be it), in eval
+    mode, and is left as it was found."""
+    device = model_device(model, device)
+    kept: list[torch.Tensor] = []
+
+    def keep(attn, inputs, _output):  # inputs: Attention.forward's (x, freqs_cis, mask, ...)
+        x, freqs_cis, mask = inputs[:3]
+        bsz, seqlen, _ = x.shape
+        xq = attn.wq(x).view(bsz, seqlen, attn.n_heads, attn.head_dim)
+        xk = attn.wk(x).view(bsz, seqlen, attn.n_kv_heads, attn.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        keys = repeat_kv(xk, attn.n_rep).transpose(1, 2)  # (bsz, n_heads, seq, head_dim)
+        kept.append(attention(xq.transpose(1, 2), keys, keys, mask)[1])  # values unused
+
+    hooks = [layer.attention.register_forward_hook(keep) for layer in model.layers]
     try:
-        for a in attns:
-            a.keep_attn = True
-        model(tokens.to(device)[None])  # (1, seq) -> logits, unused
-        return torch.stack([a.attn_weights[0] for a in attns]).float().cpu()
+        with evaluating(model):
+            model(tokens.to(device)[None])  # (1, seq) -> logits, unused
     finally:
-        for a, k in zip(attns, kept, strict=True):
-            a.keep_attn, a.attn_weights = k, None
+        for hook in hooks:
+            hook.remove()
+    return torch.stack([w[0] for w in kept]).float().cpu()  # w: (1, n_heads, seq, seq)
 
 
 def token_labels(tokenizer, ids) -> list[str]:
@@ -190,8 +200,9 @@ def attention_explorer(model, tokenizer, text: str, layer: int = 0, head: int = 
     Type a text, pick a layer and a head: the heatmap shows every query token (rows)
     against every key token (columns). Pick a query token to see where it looks: its row is
     outlined and drawn as bars on the right. `tokenizer` needs `encode(text)` and
-    `decode(ids)` (or `decode_bytes(ids)`); texts are cut to `max_tokens` tokens."""
-    device = pick_device(device)
+    `decode(ids)` (or `decode_bytes(ids)`); texts are cut to `max_tokens` tokens. Runs on
+    the model's device (`device`, if given, must be the model's)."""
+    device = model_device(model, device)
     n_layers, n_heads = len(model.layers), model.params.n_heads
     for name, value, limit in (("layer", layer, n_layers), ("head", head, n_heads)):
         if not 0 <= value < limit:
@@ -331,10 +342,10 @@ def cache_growth_widget(model, prompt_ids, max_new_tokens: int = 32, tokenizer=N
     plen, total = len(prompt_ids), len(prompt_ids) + max_new_tokens
     if not 0 <= layer < model.params.n_layers:
         raise ValueError(f"layer ({layer}) must be between 0 and {model.params.n_layers - 1}")
-    device = next(model.parameters()).device if device is None else pick_device(device)
-    cache = make_cache(model, max_seq_len=total, device=device)
+    model_device(model, device)  # the model's device: `device`, if given, must name it
+    cache = make_cache(model, max_seq_len=total)
     new = [int(nxt[0]) for nxt, _, _ in generate_steps(
-        model, [prompt_ids], max_new_tokens, cache=cache, device=device, **sampling)]
+        model, [prompt_ids], max_new_tokens, cache=cache, **sampling)]
     keys = cache[layer].cache_k[0].flatten(1).float().cpu()  # (total, n_kv_heads * head_dim)
     per_position = cache.bytes_per_position
     filled_after = [0] + [plen + t for t in range(len(new))]  # step t -> positions written

@@ -17,6 +17,8 @@ from llama3_mini.config import GiB, get_preset, kv_cache_bytes, weight_bytes
 from llama3_mini.rope import apply_scaling, rope_frequencies
 from llama3_mini.widgets import attention_weights, token_labels
 
+pytestmark = pytest.mark.slow  # a JupyterLab server and a browser: `make test`, not test-fast
+
 
 @pytest.fixture(scope="module")
 def browser_and_lab():
@@ -154,7 +156,7 @@ def test_kv_cache_calculator(notebook):
 def test_attention_explorer(notebook):
     from playwright.sync_api import expect
 
-    from llama3_mini.train import load_pretrained
+    from llama3_mini.checkpoint import load_pretrained
 
     page = notebook("03_attention_and_gqa.ipynb", "✓ gqa_attention: right on all")
     w = page.locator(".l3m-attention-explorer")

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama3_mini import hub
 from llama3_mini.checkpoint import from_hf_state_dict
+from llama3_mini.hf_tokenizer import ranks_from_tokenizer_json
 
 ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}
@@ -203,7 +204,7 @@ def meta_tokenizer_file() -> Path:
 
 
 def test_tokenizer_json_gives_the_ranks_of_metas_tokenizer_model():
-    ranks, special = hub.ranks_from_tokenizer_json(meta_tokenizer_file().with_suffix(".json"))
+    ranks, special = ranks_from_tokenizer_json(meta_tokenizer_file().with_suffix(".json"))
     expected = tiktoken.load.load_tiktoken_bpe(str(meta_tokenizer_file()))
     assert len(ranks) == len(expected) == 128000
     assert ranks == expected

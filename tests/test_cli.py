@@ -6,9 +6,9 @@ from importlib.metadata import version
 
 import pytest
 
+from llama3_mini.checkpoint import read_metrics
 from llama3_mini.cli import TEXT_DEFAULTS, main
 from llama3_mini.tokenizer import Tokenizer
-from llama3_mini.train import read_metrics
 
 TINY = ["--dim", "32", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
         "--seq-len", "32", "--batch-size", "4", "--quiet"]
@@ -22,6 +22,7 @@ def test_every_subcommand_has_help(command, capsys):
     assert "usage: llama3-mini " + command in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_installed_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "llama3_mini.cli", "--help"], check=True,
                          capture_output=True, text=True).stdout
@@ -29,6 +30,7 @@ def test_the_installed_entry_point_runs():
         assert command in out
 
 
+@pytest.mark.slow
 def test_version_and_python_dash_m(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
@@ -123,6 +125,7 @@ def test_one_text_file_trains_with_its_last_lines_for_validation(tmp_path, capsy
 
 
 @pytest.mark.filterwarnings("ignore:the text has no pair left to merge")
+@pytest.mark.slow
 def test_a_time_budget_ends_at_the_floor_learning_rate(tmp_path, capsys):
     (tmp_path / "input.txt").write_text(_lines(300))
     assert main(["train", "--corpus", str(tmp_path / "input.txt"), "--max-minutes", "0.05",

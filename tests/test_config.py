@@ -1,4 +1,7 @@
-"""Presets' parameter counts, the arithmetic of memory, and configurations that must fail."""
+"""Presets' parameter counts, the arithmetic of memory, configurations that must fail, and
+the device a new model is built on."""
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,6 +14,7 @@ from llama3_mini.config import (
     kv_cache_bytes,
     num_params,
     param_counts,
+    pick_device,
     weight_bytes,
 )
 from llama3_mini.model import Transformer
@@ -88,10 +92,26 @@ def test_unknown_preset_and_dtype_are_explained():
         kv_cache_bytes(get_preset("tiny"), 10, n_kv_heads=3)
 
 
-def test_presets_are_copies():
+def test_presets_are_frozen_and_replace_makes_a_validated_copy():
     a = get_preset("tiny")
-    a.dim = 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.dim = 8
     assert get_preset("tiny").dim == 256
+    assert a.replace(dim=512).dim == 512 and get_preset("tiny").dim == 256
+    with pytest.raises(ValueError, match=r"dim \(100\) must be divisible by n_heads \(8\)"):
+        a.replace(dim=100)
+
+
+def test_pick_device_takes_the_one_asked_for_from_config_or_the_package(monkeypatch):
+    import llama3_mini
+
+    assert llama3_mini.pick_device is pick_device
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device() == torch.device("cuda")
 
 
 def test_from_dict_reads_meta_params_json():

@@ -1,7 +1,5 @@
-"""The corpora: the story grammar parses back into its choices (so its entropy is exact),
-grammaticality, text files with bad bytes, and the token plumbing (split, pack, batches)."""
-import math
-import random
+"""The corpora: text files with bad bytes, the standard library, the token plumbing (split,
+pack, batches) and the story corpus as token data (the grammar itself: test_stories)."""
 
 import numpy as np
 import pytest
@@ -12,18 +10,13 @@ from hypothesis import strategies as st
 from llama3_mini import data
 from llama3_mini.data import (
     batch_at,
-    entropy_bits_per_byte,
-    is_grammatical,
-    make_stories,
-    make_story,
     pack_documents,
-    parse_story,
-    parse_story_all,
     read_text_corpus,
     read_text_file,
     split_documents,
     write_token_file,
 )
+from llama3_mini.stories import entropy_bits_per_byte, make_stories
 
 
 class ByteTokenizer:
@@ -37,83 +30,6 @@ class ByteTokenizer:
 
     def decode_bytes(self, ids):
         return bytes(i for i in ids if i < 256)
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**32 - 1))
-def test_every_story_parses_back_into_exactly_its_choices(seed):
-    story = make_story(random.Random(seed))
-    parses = parse_story_all(story.text, limit=2)
-    assert len(parses) == 1, f"{len(parses)} parses of {story.text!r}"
-    assert parses[0].choices == story.choices
-    assert parses[0].bits == pytest.approx(story.bits, abs=1e-9)
-
-
-# How many options each label has, and the weighted ones, written out independently of data.py.
-SIZES = {"trait": 16, "kind": 16, "hero": 32, "place": 16, "have": 8, "color": 8, "thing": 16,
-         "thing was": 8, "friend form": 2, "friend trait": 16, "friend kind": 16, "friend": 31,
-         "when": 8, "problem": 5, "spot": 8, "pieces": 4, "feeling": 8, "reaction": 4,
-         "saying": 8, "fix": 8, "search": 8, "how long": 8, "found at": 8, "glad": 4,
-         "ending": 8, "moral": 8}
-WEIGHTED = {("opening", "there was"): 0.5, ("opening", "lived in"): 0.3,
-            ("opening", "long ago"): 0.2, ("moral?", "no"): 0.5, ("moral?", "yes"): 0.5}
-
-
-def test_entropy_floor_equals_the_information_in_the_parsed_choices():
-    stories = make_stories(60, seed=1)
-    total_bits = 0.0
-    for s in stories:
-        more = [c for c in s.choices if c[0] == "more"]
-        for label, option in parse_story(s.text).choices:
-            if label == "more":
-                continue
-            total_bits += (-math.log2(WEIGHTED[label, option]) if (label, option) in WEIGHTED
-                           else math.log2(SIZES[label]))
-        # after episode 1: stop 0.6 / more 0.4; after episode 2: stop 0.7 / more 0.3
-        probs = [{"stop": 0.6, "more": 0.4}, {"stop": 0.7, "more": 0.3}]
-        total_bits += sum(-math.log2(probs[i][opt]) for i, (_, opt) in enumerate(more))
-    n_bytes = sum(len(s.text.encode()) for s in stories)
-    assert entropy_bits_per_byte(stories) == pytest.approx(total_bits / n_bytes, rel=1e-12)
-    assert 0.05 < total_bits / n_bytes < 1.0
-
-
-def test_opening_frequencies_follow_the_grammar_weights():
-    counts = {}
-    for s in make_stories(3000, seed=2):
-        form = s.choices[0][1]  # the generator's record (parsing gives the same, above)
-        counts[form] = counts.get(form, 0) + 1
-    for form, p in [("there was", 0.5), ("lived in", 0.3), ("long ago", 0.2)]:
-        assert abs(counts[form] / 3000 - p) < 0.03, counts
-
-
-def test_names_recur_so_a_model_must_copy_them():
-    for s in make_stories(100, seed=3):
-        choices = dict(s.choices)
-        assert s.text.count(choices["hero"]) >= 4, s.text
-        assert s.text.count(choices["friend"]) >= 2, s.text
-        assert choices["hero"] != choices["friend"]
-
-
-def test_is_grammatical_accepts_stories_and_rejects_broken_ones():
-    for s in make_stories(20, seed=4):
-        hero, friend = dict(s.choices)["hero"], dict(s.choices)["friend"]
-        assert is_grammatical(s.text)
-        assert not is_grammatical(s.text[:-1]), "a truncated story"
-        assert not is_grammatical(s.text + " The end."), "text after the end"
-        # the hero's name changed in one place only: the copy is broken
-        first = s.text.index(hero)
-        second = s.text.index(hero, first + len(hero))
-        other = "Zoe" if hero != "Zoe" and friend != "Zoe" else "Tom"
-        assert not is_grammatical(s.text[:second] + other + s.text[second + len(hero):])
-    assert not is_grammatical("")
-    assert not is_grammatical("Once upon a time, there was a purple dragon named Tom.")
-    with pytest.raises(ValueError, match="not a story of this grammar"):
-        parse_story("Once upon a time.")
-
-
-def test_same_seed_same_stories_different_seed_different():
-    assert [s.text for s in make_stories(5, 7)] == [s.text for s in make_stories(5, 7)]
-    assert [s.text for s in make_stories(5, 7)] != [s.text for s in make_stories(5, 8)]
 
 
 def test_bad_utf8_names_file_and_offset_or_is_replaced(tmp_path):

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from llama3_mini.exercises import check_count_params, check_ffn_hidden_dim, check_name_entropy
+from llama3_mini.synthetic import name_entropy_bits
 
 
 # ------------------------------------------------------------- chapter 00: counting parameters
@@ -100,9 +101,10 @@ def entropy_by_hand(names, log=math.log2, distinct_only=False):
     return -sum(c / len(names) * log(c / len(names)) for c in counts.values())
 
 
-def test_name_entropy_accepts_a_right_answer(capsys):
+def test_name_entropy_accepts_a_right_answer_and_the_packages_own(capsys):
     assert check_name_entropy(entropy_by_hand)
     assert "✓ name_entropy: right on all" in capsys.readouterr().out
+    assert check_name_entropy(name_entropy_bits)
 
 
 def test_name_entropy_rejects_nats_for_bits(capsys):
@@ -117,6 +119,11 @@ def test_name_entropy_rejects_counting_distinct_names_only(capsys):
     # two Lilys, one Tom, one Mia: 1.5 bits, not log2(3) = 1.585
     assert "✗ name_entropy(['Lily', 'Lily', 'Tom', 'Mia'])\n  returned 1.58" in out
     assert "expected 1.5" in out
+
+
+def test_name_entropy_rejects_nan_for_the_empty_list(capsys):
+    assert not check_name_entropy(lambda names: entropy_by_hand(names) if names else math.nan)
+    assert "✗ name_entropy([])\n  returned nan" in capsys.readouterr().out
 
 
 def test_name_entropy_lets_a_crash_on_the_empty_list_through():

@@ -122,7 +122,7 @@ def test_stretch_rejects_plausible_mistakes_naming_the_field(capsys, mistake, me
 def test_stretch_keeps_the_slowest_pair_within_its_trained_angle():
     """The rule's reason: with the factor target / trained, the slowest pair turns no further
     over the target length than it did over the trained one."""
-    from llama3_mini.exercises import stretch_context
+    from llama3_mini.long_context import stretch_context
     from llama3_mini.rope import apply_scaling, rope_frequencies
 
     base = get_preset("tiny").replace(max_seq_len=256)

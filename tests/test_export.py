@@ -13,12 +13,12 @@ transformers = pytest.importorskip("transformers")  # a test dependency: always 
 from model_support import attention_configs, one_thread, random_model  # noqa: E402, F401
 
 from llama3_mini import hub  # noqa: E402
-from llama3_mini.checkpoint import load_checkpoint, save_model, tokenizer_json  # noqa: E402
+from llama3_mini.checkpoint import load_checkpoint, load_model, save_model  # noqa: E402
 from llama3_mini.cli import main  # noqa: E402
-from llama3_mini.data import make_stories  # noqa: E402
 from llama3_mini.generate import generate  # noqa: E402
+from llama3_mini.hf_tokenizer import tokenizer_json  # noqa: E402
+from llama3_mini.stories import make_stories  # noqa: E402
 from llama3_mini.tokenizer import ChatFormat, Tokenizer  # noqa: E402
-from llama3_mini.train import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STORY_MODEL = ROOT / "assets" / "story-model"
@@ -126,6 +126,7 @@ def test_bfloat16_export_is_half_the_size_and_loads_as_bfloat16(small, tmp_path)
     assert next(hf.parameters()).dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 def test_merges_derived_from_metas_ranks_encode_as_tiktoken_does():
     """The same derivation on Meta's 128K ranks: tokenizers' BPE gives tiktoken's ids."""
     from test_checkpoint_io import meta_tokenizer_file

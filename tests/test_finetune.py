@@ -6,7 +6,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llama3_mini.config import ModelArgs
-from llama3_mini.data import is_grammatical, parse_story
 from llama3_mini.finetune import (
     ANSWERS,
     IGNORE,
@@ -19,6 +18,7 @@ from llama3_mini.finetune import (
     split_qa,
 )
 from llama3_mini.model import Transformer
+from llama3_mini.stories import is_grammatical, parse_story
 from llama3_mini.tokenizer import ChatFormat, Tokenizer, llama3_tokenizer_path
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16,
@@ -95,6 +95,49 @@ def test_sft_loss_is_the_mean_negative_log_likelihood_of_the_replies():
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_finetune_trains_what_requires_grad_with_the_trainers_optimizer_and_schedule(
+        monkeypatch):
+    import llama3_mini.finetune as sft
+    from llama3_mini.train import lr_at
+
+    torch.manual_seed(0)
+    model = Transformer(ARGS)
+    for name, p in model.named_parameters():  # the last block and the output layer only
+        p.requires_grad = name.startswith(("layers.1.", "output."))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    made, lrs, trainers = [], [], sft.make_optimizer
+
+    def make_optimizer(*args):  # the Trainer's, watched: the lr each step runs at
+        opt = trainers(*args)
+        opt.register_step_pre_hook(lambda o, *_: lrs.append([g["lr"] for g in o.param_groups]))
+        made.append(opt)
+        return opt
+
+    monkeypatch.setattr(sft, "make_optimizer", make_optimizer)
+    steps, warmup, lr = 40, 5, 1e-2
+    out = sft.finetune(model, random_encoded(seed=3), steps=steps, batch_size=4, lr=lr,
+                       warmup=warmup, progress=False)
+    (opt,) = made
+    decayed, plain = opt.param_groups  # matrices, then vectors (RMSNorm gains): no decay
+    assert decayed["weight_decay"] == plain["weight_decay"] == 0.0
+    assert decayed["betas"] == (0.9, 0.95) and len(plain["params"]) == 2
+    # warm-up to the peak in `warmup` steps, then a cosine to lr / 10 at the last step
+    assert [g[0] for g in lrs] == [lr_at(s, lr, warmup, steps, lr / 10) for s in range(steps)]
+    assert lrs[0][0] == pytest.approx(lr / warmup) and lrs[warmup - 1][0] == pytest.approx(lr)
+    assert lrs[-1] == pytest.approx([lr / 10, lr / 10])
+    assert len(out["losses"]) == steps and max(out["losses"][-5:]) < out["losses"][0] - 1.0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert out["trainable"] == sum(p.numel() for n, p in model.named_parameters()
+                                   if n in trainable)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != (name in trainable), name
+    for p in model.parameters():
+        p.requires_grad = False
+    with pytest.raises(ValueError, match="no parameter requires grad: nothing to fine-tune"):
+        sft.finetune(model, random_encoded(), steps=1, progress=False)
+
+
+@pytest.mark.slow
 def test_answers_are_the_stories_own_choices_and_lie_in_the_opening():
     whole = make_qa(50, seed=3, whole=True)
     opening = make_qa(50, seed=3)

@@ -15,6 +15,7 @@ from llama3_mini.config import ModelArgs
 from llama3_mini.generate import (
     generate,
     generate_steps,
+    padding_mask,
     sample_next,
     stream,
     top_k_filter,
@@ -169,6 +170,20 @@ def test_prompt_plus_budget_longer_than_max_seq_len():
         generate(model, [[1], []], 3)
     with pytest.raises(TypeError, match="list of token-id lists"):
         generate(model, "hello", 3)
+
+
+def test_padding_mask_of_the_docstring_and_on_the_models_device():
+    inf = float("-inf")
+    mask = padding_mask(torch.tensor([1, 0]), 0, 3)
+    assert mask.shape == (2, 1, 3, 3)
+    assert mask[0, 0].tolist() == [[0, inf, inf], [inf, 0, inf], [inf, 0, 0]]
+    assert mask[1, 0].tolist() == [[0, inf, inf], [0, 0, inf], [0, 0, 0]]
+    decode = padding_mask(torch.tensor([1, 0]), 2, 3)  # one query: the newest token
+    assert decode.shape == (2, 1, 1, 3)
+    assert decode[:, 0].tolist() == [[[inf, 0, 0]], [[0, 0, 0]]]
+    model = random_model(CONFIGS["gqa"])
+    with pytest.raises(TypeError, match="device"):  # it runs where the model is
+        generate(model, [[1]], 1, device="cpu")
 
 
 # --- streaming -----------------------------------------------------------------------------

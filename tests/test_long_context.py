@@ -1,6 +1,7 @@
 """Chapter 08: Llama 3.1's RoPE scaling by band, against hand-computed values and Hugging
 Face's implementation; factor 1 changes nothing; the long-context helpers; the checker."""
 import math
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from llama3_mini.config import ModelArgs, get_preset
 from llama3_mini.exercises import check_rope_scaling
-from llama3_mini.experiments import (
+from llama3_mini.long_context import (
     attention_flops,
     loss_by_position,
     name_recall_probe,
@@ -19,6 +20,7 @@ from llama3_mini.experiments import (
 )
 from llama3_mini.model import Transformer
 from llama3_mini.rope import apply_scaling, rope_frequencies
+from llama3_mini.stories import grammatical_prefix
 from llama3_mini.tokenizer import Tokenizer
 
 SMALL = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=16,
@@ -38,6 +40,21 @@ def test_scaling_bands_by_hand():
                 freqs[4] / 8, freqs[5] / 8]  # low-frequency band: divided by 8
     torch.testing.assert_close(got, torch.stack([torch.as_tensor(e) for e in expected]))
     assert abs(got[2].item() - freqs[2].item() * 10 / 24) < 1e-9
+
+    # Llama 3.1's own frequencies (head_dim 128, theta 500,000): each band by the same rule
+    freqs = rope_frequencies(128, 500000.0)
+    scaled = apply_scaling(freqs, scale_factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                           original_max_seq_len=8192)
+    wavelen = 2 * torch.pi / freqs
+    high, low = wavelen < 8192 / 4, wavelen > 8192 / 1
+    mid = ~high & ~low
+    assert high.any() and mid.any() and low.any()  # all three bands are present
+    torch.testing.assert_close(scaled[high], freqs[high])
+    torch.testing.assert_close(scaled[low], freqs[low] / 8)
+    smooth = (8192 / wavelen[mid] - 1) / (4 - 1)
+    torch.testing.assert_close(scaled[mid], (1 - smooth) * freqs[mid] / 8 + smooth * freqs[mid])
+    # factor 1, with the default bands, leaves every frequency as it was
+    torch.testing.assert_close(apply_scaling(freqs, scale_factor=1.0), freqs)
 
 
 def test_scaling_matches_hugging_face():
@@ -95,7 +112,7 @@ def test_loss_by_position_matches_cross_entropy_row_by_row():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from llama3_mini.data import make_stories
+    from llama3_mini.stories import make_stories
 
     text = "\n".join(s.text for s in make_stories(200, 0))
     return Tokenizer.train(text, 600, progress=False)
@@ -110,6 +127,14 @@ def test_name_recall_probe(tokenizer):
             assert tokenizer.encode(f" {hero}")[0] == a.item()
             assert text.count(hero) == 3  # named X. X lived in ... X had ...; then nobody
             assert text.endswith(".")
+            # the grammar's own text: a story's start, each sentence after it one the grammar
+            # tells before the hero's name comes back (" Lily felt ...")
+            intro, rest = text.removeprefix("<|begin_of_text|>").split(" shiny.", 1)
+            friend = "Max" if hero != "Max" else "Tom"
+            start = f"{intro} shiny. {hero} had a friend named {friend}, a kind cat."
+            assert grammatical_prefix(start) == 1.0
+            for sentence in re.findall(r" [^.]*\.", rest):
+                assert grammatical_prefix(f"{start}{sentence} {hero} felt") == 1.0
             last = len(tokenizer.encode(text[: text.rindex(hero)], bos=True))
             gap = q.item() + 1 - last
             assert distance - 25 <= gap <= distance + 30, (distance, gap)

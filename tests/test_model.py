@@ -5,8 +5,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llama3_mini.config import ModelArgs, get_preset
-from llama3_mini.model import RMSNorm, Transformer, attention, causal_mask, repeat_kv
-from llama3_mini.rope import apply_rotary_emb, apply_scaling, precompute_freqs_cis, rope_frequencies
+from llama3_mini.model import (
+    RMSNorm,
+    Transformer,
+    attention,
+    causal_mask,
+    evaluating,
+    in_mode,
+    model_device,
+    repeat_kv,
+)
+from llama3_mini.rope import apply_rotary_emb, precompute_freqs_cis
 
 
 def test_rmsnorm_equals_torch_rmsnorm():
@@ -33,6 +42,8 @@ def test_causal_mask_with_cached_prefix():
     mask = causal_mask(2, start_pos=3)
     assert mask.shape == (2, 5)
     assert torch.isinf(mask).tolist() == [[False] * 4 + [True], [False] * 5]
+    inf = float("-inf")  # the docstring's example
+    assert causal_mask(2, start_pos=1).tolist() == [[0, 0, inf], [0, 0, 0]]
 
 
 def test_repeat_kv_groups_heads_in_order():
@@ -74,23 +85,6 @@ def test_rope_rotation_preserves_norms_and_depends_on_relative_position():
     assert not torch.isclose(score(10, 3), score(10, 4))
 
 
-def test_rope_scaling_bands_by_hand():
-    freqs = rope_frequencies(128, 500000.0)
-    scaled = apply_scaling(freqs, scale_factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                           original_max_seq_len=8192)
-    wavelen = 2 * torch.pi / freqs
-    high = wavelen < 8192 / 4
-    low = wavelen > 8192 / 1
-    torch.testing.assert_close(scaled[high], freqs[high])
-    torch.testing.assert_close(scaled[low], freqs[low] / 8)
-    mid = ~high & ~low
-    i = int(mid.nonzero()[0])
-    smooth = (8192 / wavelen[i] - 1) / (4 - 1)
-    torch.testing.assert_close(scaled[i], (1 - smooth) * freqs[i] / 8 + smooth * freqs[i])
-    # factor 1 leaves every frequency as it was
-    torch.testing.assert_close(apply_scaling(freqs, scale_factor=1.0), freqs)
-
-
 def test_sequence_longer_than_max_seq_len_is_refused():
     model = Transformer(get_preset("tiny").replace(max_seq_len=8, n_layers=1))
     with pytest.raises(ValueError, match=r"sequence of 9 positions.*max_seq_len \(8\)"):
@@ -113,3 +107,27 @@ def test_bf16_model_keeps_rope_angles_in_float32():
     model = Transformer(get_preset("tiny").replace(n_layers=1)).to(torch.bfloat16)
     assert model.freqs_cis.dtype == torch.complex64
     assert model(torch.zeros(1, 4, dtype=torch.long)).dtype == torch.float32
+
+
+def test_functions_given_a_model_use_its_device_and_never_move_it():
+    model = Transformer(get_preset("tiny").replace(n_layers=1))
+    assert model_device(model) == torch.device("cpu")
+    assert model_device(model, "cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"the model is on cpu, not meta; move it first "
+                                         r"\(model.to\('meta'\)\) or leave device out"):
+        model_device(model, "meta")
+    assert next(model.parameters()).device == torch.device("cpu")
+
+
+def test_evaluating_restores_every_submodule_mode_even_after_an_error():
+    model = Transformer(get_preset("tiny").replace(n_layers=2))
+    model.train()
+    model.layers[1].eval()  # a part the caller keeps in eval mode
+    found = [m.training for m in model.modules()]
+    with evaluating(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == found
+    with pytest.raises(RuntimeError, match="inside"), in_mode(model, True):
+        assert all(m.training for m in model.modules())
+        raise RuntimeError("inside")
+    assert [m.training for m in model.modules()] == found

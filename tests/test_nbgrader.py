@@ -6,7 +6,6 @@ The metadata tests read every notebook; the round trip runs nbgrader itself on n
 place of the answer, the solution notebook autogrades to full points and the release, handed
 in untouched, to none."""
 import ast
-import importlib.util
 import os
 import shutil
 import sqlite3
@@ -16,21 +15,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from nb_support import IDS, NOTEBOOKS, ROOT, load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-IDS = [p.stem for p in NOTEBOOKS]
-
-
-def _load(name):
-    path = ROOT / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"l3m_tools_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-grading = _load("grading")
+grading = load_tool("grading")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)

@@ -5,14 +5,10 @@ prints and shows nothing, no machine's paths (a learner's machine is not /work/m
 no errors. Each test names the notebook and cell (0-based index in `cells`) at fault."""
 import ast
 import re
-from pathlib import Path
 
 import nbformat
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-IDS = [p.stem for p in NOTEBOOKS]
+from nb_support import IDS, NOTEBOOKS
 
 # "BPE merges:   0%|          | 0/7936 [00:00<?, ?it/s]", tqdm's text form
 BAR = re.compile(r"(\d{1,3})%\|[^|\n]*\|\s*(\d+(?:\.\d+)?)([kMG]?)/(\d+(?:\.\d+)?)([kMG]?)")

@@ -117,6 +117,7 @@ def test_every_requirement_is_pinned_by_the_constraints_within_its_range():
             f"constraints.txt pins {name}=={pins[name]}, outside pyproject's {requirement}"
 
 
+@pytest.mark.slow
 def test_the_package_needs_only_what_it_imports():
     """Runtime requirements: what llama3_mini/ imports when the package and its command line
     are used; widgets.py (ipywidgets, matplotlib) and the notebooks need the course extra."""

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from tiktoken.load import load_tiktoken_bpe
 
 from llama3_mini import exercises
+from llama3_mini.data import sample_text
 from llama3_mini.tokenizer import (
     MAX_RUN_CHARS,
     NUM_SPECIAL_TOKENS,
@@ -29,7 +30,6 @@ from llama3_mini.tokenizer import (
     count_pairs,
     llama3_tokenizer_path,
     merge,
-    sample_text,
     special_tokens_for,
     train_fast,
     train_teaching,
@@ -387,6 +387,16 @@ def test_error_messages(ours, tmp_path):
         sample_text("poems")
     with pytest.warns(UserWarning, match="no pair left to merge after 258 ranks; asked for 300"):
         train_fast("abc", 300, progress=False)
+
+
+def test_code_sample_is_the_standard_library_corpus_joined():
+    from llama3_mini.data import python_stdlib_corpus
+
+    files = python_stdlib_corpus(max_files=3)
+    joined = "".join(f + "\n" for f in files)
+    assert sample_text("code", len(joined.encode("utf-8"))) == joined
+    assert sample_text("code", 1000) == joined[:1000] and files[0].startswith(
+        sample_text("code", 1000))  # cut at max_bytes (the first file is longer)
 
 
 def test_tokenizer_test_data_is_findable_without_importing_the_package():

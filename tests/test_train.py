@@ -16,20 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_data import ByteTokenizer
 
+from llama3_mini.checkpoint import latest_checkpoint, load_model, read_metrics, save_model
 from llama3_mini.config import get_preset
-from llama3_mini.data import TokenData, pack_documents, story_data
+from llama3_mini.data import pack_documents, story_data
 from llama3_mini.model import Transformer
-from llama3_mini.train import (
-    TrainConfig,
-    Trainer,
-    evaluate_bpb,
-    latest_checkpoint,
-    load_model,
-    lr_at,
-    make_optimizer,
-    read_metrics,
-    save_model,
-)
+from llama3_mini.train import TrainConfig, Trainer, evaluate_bpb, lr_at, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = get_preset("tiny").replace(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258,
@@ -94,13 +85,19 @@ def test_training_lowers_the_loss_and_accumulation_matches_one_batch(stories):
 
 
 def test_bf16_autocast_trains_close_to_float32(stories):
-    out = {}
+    """Eight optimizer steps, not one forward pass: the bf16 run trains (its loss falls by
+    over a nat) along float32's path, step by step."""
+    out, losses = {}, {}
     for bf16 in (False, True):
         torch.manual_seed(0)
-        cfg = TrainConfig(steps=3, batch_size=4, seq_len=32, bf16=bf16, eval_every=0)
-        out[bf16] = Trainer(Transformer(ARGS), stories, cfg).fit(progress=False)
-    assert out[True][0]["loss"] == pytest.approx(out[False][0]["loss"], rel=2e-2)
-    assert math.isfinite(out[True][-1]["val_bpb"])
+        cfg = TrainConfig(steps=8, batch_size=4, seq_len=32, warmup_steps=2, lr=1e-2, bf16=bf16,
+                          eval_every=0)
+        out[bf16] = Trainer(Transformer(ARGS), stories, cfg, device="cpu").fit(progress=False)
+        losses[bf16] = [r["loss"] for r in out[bf16]]
+    assert len(losses[True]) == 8 and losses[True][-1] < losses[True][0] - 1.0
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+    assert losses[True] != losses[False]  # autocast was on: bf16 products round differently
+    assert out[True][-1]["val_bpb"] == pytest.approx(out[False][-1]["val_bpb"], rel=2e-2)
 
 
 def test_save_and_load_model_round_trip(tmp_path):
@@ -140,6 +137,15 @@ SCRIPT = textwrap.dedent("""
     from llama3_mini.data import story_data
     from llama3_mini.model import Transformer
     from llama3_mini.train import Trainer, TrainConfig
+    if len(sys.argv) > 2:  # a window to kill a save in: it pauses, complete, before its rename
+        import time
+        import llama3_mini.checkpoint as checkpoint
+        rename = checkpoint.replace_dir
+        def slow_rename(tmp, folder):
+            print("saving", folder.name, flush=True)
+            time.sleep(float(sys.argv[2]))
+            rename(tmp, folder)
+        checkpoint.replace_dir = slow_rename
     torch.manual_seed(0)
     args = get_preset("tiny").replace(dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                                       vocab_size=258, multiple_of=16, max_seq_len=64)
@@ -161,10 +167,9 @@ def _script(tmp_path):
     return path
 
 
-def _run_until(cmd, marker, env=None):
+def _run_until(cmd, marker):
     """Start cmd, read its output until a line starts with `marker`, then SIGKILL it."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -179,14 +184,14 @@ def _complete(folder):
     return {p.name for p in folder.iterdir()} == {"model.safetensors", "config.json", "state.pt"}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_and_mid_save_then_resume_gives_the_same_losses(tmp_path):
     script = _script(tmp_path)
     full, broken = tmp_path / "full", tmp_path / "broken"
     subprocess.run([sys.executable, script, full], check=True, capture_output=True)
     reference = json.loads((full / "losses.json").read_text())
-    # killed in the middle of saving step 6: weights and config written, state not yet
-    _run_until([sys.executable, script, broken], "saving step 6",
-               env={"LLAMA3_MINI_SLOW_SAVE": "30"})
+    # killed in the middle of saving step 6: weights, config and state written, not renamed
+    _run_until([sys.executable, script, broken, "30"], "saving step_000006")
     assert latest_checkpoint(broken).name == "step_000004"
     assert not (broken / "step_000006").exists() and (broken / ".tmp-step_000006").exists()
     assert all(_complete(f) for f in broken.glob("step_*"))
@@ -201,6 +206,7 @@ def test_sigkill_mid_run_and_mid_save_then_resume_gives_the_same_losses(tmp_path
     assert json.loads((broken / "losses.json").read_text()) == pytest.approx(reference, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path):
     script = _script(tmp_path)
     subprocess.run([sys.executable, script, tmp_path / "one"], check=True, capture_output=True)
@@ -216,7 +222,12 @@ def test_trainer_rejects_a_batch_that_does_not_split(stories):
     with pytest.raises(ValueError, match=r"batch_size \(6\) must split evenly over 1 processes x "
                        r"grad_accum \(4\)"):
         Trainer(Transformer(ARGS), stories, TrainConfig(batch_size=6, grad_accum=4))
-    assert isinstance(stories, TokenData)
+    # the data every test here trains on: 60 stories, one token per byte, each BOS ... EOS;
+    # validation rows of seq_len + 1 tokens; a byte count for each of the 258 token ids
+    for special in (256, 257):  # BOS, EOS: once per story, in training or validation
+        assert (stories.train == special).sum() + (stories.val_rows == special).sum() == 60
+    assert stories.train[0] == 256 and stories.train[-1] == 257
+    assert stories.val_rows.shape[1] == 33 and len(stories.token_bytes) == 258
 
 
 def test_lr_schedule_checker_accepts_the_reference_and_names_wrong_cases(capsys):
@@ -245,7 +256,7 @@ def test_lr_schedule_checker_accepts_the_reference_and_names_wrong_cases(capsys)
 
 def test_load_pretrained_by_name_from_the_package_data():
     import llama3_mini
-    from llama3_mini.train import ASSETS, load_pretrained, pretrained_models
+    from llama3_mini.checkpoint import ASSETS, load_pretrained, pretrained_models
 
     assert "story-model" in pretrained_models()
     if Path(llama3_mini.__file__).resolve().is_relative_to(ROOT):  # editable: the checkout's

@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 from llama3_mini.config import GiB, get_preset
 from llama3_mini.model import Transformer, causal_mask
 from llama3_mini.rope import apply_rotary_emb, precompute_freqs_cis
-from llama3_mini.widgets import attention_explorer, kv_cache_calculator, rope_explorer
+from llama3_mini.widgets import (
+    attention_explorer,
+    attention_weights,
+    kv_cache_calculator,
+    rope_explorer,
+)
 
 
 class ByteTokenizer:
@@ -193,9 +198,33 @@ def test_attention_explorer_query_shows_where_it_looks(small_model):
 
 
 def test_attention_explorer_leaves_model_as_found(small_model):
-    attention_explorer(small_model, ByteTokenizer(), "xyz", device="cpu")
-    assert all(b.attention.keep_attn is False and b.attention.attn_weights is None
-               for b in small_model.layers)
+    tokens = torch.tensor([[120, 121, 122]])
+    before = small_model(tokens)
+    small_model.train()
+    try:
+        attention_explorer(small_model, ByteTokenizer(), "xyz", device="cpu")
+        assert small_model.training  # the caller's mode, given back
+    finally:
+        small_model.eval()
+    # no hook left behind, the fused path still chosen, the same logits
+    assert all(not b.attention._forward_hooks and b.attention.fused for b in small_model.layers)
+    torch.testing.assert_close(small_model(tokens), before, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="the model is on cpu, not meta"):
+        attention_weights(small_model, torch.tensor([1, 2]), device="meta")
+    assert next(small_model.parameters()).device.type == "cpu"  # never moved
+
+
+def test_attention_weights_are_the_explicit_paths(small_model):
+    """The hook's weights are those the explicit path computes, for every layer at once."""
+    ids = [84, 111, 109, 32, 115, 97, 119]
+    weights = attention_weights(small_model, torch.tensor(ids))
+    assert weights.shape == (2, 4, 7, 7) and weights.dtype == torch.float32
+    for layer in range(2):
+        for head in range(4):
+            torch.testing.assert_close(weights[layer, head],
+                                       weights_by_hand(small_model, ids, layer, head),
+                                       atol=1e-5, rtol=1e-4)
+    assert attention_weights(small_model, torch.tensor([5])).tolist() == [[[[1.0]]] * 4] * 2
 
 
 def test_attention_explorer_rejects_bad_arguments(small_model):

@@ -54,12 +54,6 @@ def is_collapsed(cell) -> bool:
     return bool(cell.get("metadata", {}).get("jupyter", {}).get("source_hidden"))
 
 
-def checkers_called(nb) -> list[str]:
-    """The names of the checkers the notebook's check cells call, in order."""
-    return [m.group(0).rstrip("( ").strip() for cell in nb.cells if is_check(cell)
-            for m in CHECK_CALL.finditer(cell.source)]
-
-
 def exercise_problems(nb) -> list[str]:
     """What the notebook lacks for a self-checking exercise; empty when it has it all."""
     problems = []

@@ -1,0 +1,78 @@
+"""Checkers of the exercises in the chapters' second parts (01b: Llama 3's chat prompt; 06b:
+a model's bits per byte on any text). Each accepts a right answer written here without the
+package's version, and rejects the mistakes TEACHING.md says it catches."""
+import math
+
+import torch
+
+from llama3_mini.exercises import check_dialog_prompt, check_text_bits_per_byte
+
+
+# ------------------------------------------------------------ 01b: the chat prompt, as ids
+def prompt_by_hand(tok, dialog, strip=True, open_header=True, as_string=False):
+    if as_string:  # the whole prompt as text, encoded once: control tokens become text
+        text = "<|begin_of_text|>" + "".join(
+            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
+            for m in dialog) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        return tok.encode(text)
+    start, end = tok.special_tokens["<|start_header_id|>"], tok.special_tokens["<|end_header_id|>"]
+    ids = [tok.special_tokens["<|begin_of_text|>"]]
+    for m in dialog:
+        content = m["content"].strip() if strip else m["content"]
+        ids += [start, *tok.encode(m["role"]), end, *tok.encode("\n\n"), *tok.encode(content),
+                tok.special_tokens["<|eot_id|>"]]
+    if open_header:
+        ids += [start, *tok.encode("assistant"), end, *tok.encode("\n\n")]
+    return ids
+
+
+def test_dialog_prompt_accepts_a_right_answer(capsys):
+    assert check_dialog_prompt(prompt_by_hand)
+    assert "✓ dialog_prompt: right on all 7 cases" in capsys.readouterr().out
+
+
+def test_dialog_prompt_rejects_a_prompt_encoded_as_one_string(capsys):
+    assert not check_dialog_prompt(lambda tok, d: prompt_by_hand(tok, d, as_string=True))
+    assert "✗ dialog_prompt(" in capsys.readouterr().out
+
+
+def test_dialog_prompt_rejects_a_missing_assistant_header_even_for_no_messages(capsys):
+    assert not check_dialog_prompt(lambda tok, d: prompt_by_hand(tok, d, open_header=False))
+    out = capsys.readouterr().out
+    assert "✗ dialog_prompt(Tokenizer(n_ranks=960, n_words=1216), [])" in out
+
+
+def test_dialog_prompt_rejects_unstripped_content_on_the_padded_message(capsys):
+    assert not check_dialog_prompt(lambda tok, d: prompt_by_hand(tok, d, strip=False))
+    assert "padded with spaces" in capsys.readouterr().out
+
+
+# ------------------------------------------------------ 06b: bits per byte on any text
+def bpb_by_hand(model, tok, text, per="byte", log=math.log2, shift=True):
+    ids = tok.encode(text, bos=True)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([ids[:-1]])).double()[0], dim=-1)
+    targets = ids[1:] if shift else ids[:-1]
+    bits = -sum(log(probs[i, t].item()) for i, t in enumerate(targets))
+    size = {"byte": len(text.encode("utf-8")), "char": len(text), "token": len(targets)}[per]
+    return bits / size
+
+
+def test_text_bpb_accepts_a_right_answer(capsys):
+    assert check_text_bits_per_byte(bpb_by_hand)
+    assert "✓ text_bits_per_byte: right on all 5 cases" in capsys.readouterr().out
+
+
+def test_text_bpb_rejects_bits_per_token(capsys):
+    assert not check_text_bits_per_byte(lambda m, t, x: bpb_by_hand(m, t, x, per="token"))
+    assert "✗ text_bits_per_byte(" in capsys.readouterr().out
+
+
+def test_text_bpb_rejects_bits_per_character_on_a_text_outside_ascii(capsys):
+    assert not check_text_bits_per_byte(lambda m, t, x: bpb_by_hand(m, t, x, per="char"))
+    assert "'Öl 日本 🦙'" in capsys.readouterr().out  # the first text that is not ASCII
+
+
+def test_text_bpb_rejects_nats_and_a_missing_shift(capsys):
+    assert not check_text_bits_per_byte(lambda m, t, x: bpb_by_hand(m, t, x, log=math.log))
+    assert not check_text_bits_per_byte(lambda m, t, x: bpb_by_hand(m, t, x, shift=False))
