@@ -3,10 +3,16 @@
 - assets/story-model/: a BPE tokenizer and a small Llama 3 trained on the story corpus (ten
   to twenty minutes); chapters 03 and 06 on load it with `load_pretrained()`;
 - assets/byte-model/: a byte-level Llama 3 that has memorised one paragraph about llamas
-  (under a minute); chapter 05 generates with it: `load_pretrained("byte-model")`.
+  (under a minute); chapter 05 generates with it: `load_pretrained("byte-model")`;
+- assets/qa-full/ and assets/qa-lora/: the story model fine-tuned for 1,500 steps to answer
+  questions, fully and with LoRA (make_qa_finetunes.py, ten to fifteen minutes); chapter 07;
+- assets/pretraining-lengths/: a small model's checkpoints at 1 to 64 pre-training tokens per
+  parameter, each fine-tuned alike (make_pretraining_lengths.py, about twelve minutes);
+  chapter 07.
 
 Each folder holds model.safetensors (float16), config.json, tokenizer.tiktoken, card.json and
-README.md (the card). `--only byte-model` remakes one of them."""
+README.md (the card). `--only byte-model` remakes one of them (the fine-tunes start from the
+story model, so remaking it remakes them too)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +26,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import make_pretraining_lengths  # noqa: E402  (beside this file)
+import make_qa_finetunes  # noqa: E402
 
 from llama3_mini.checkpoint import load_model, save_model  # noqa: E402
 from llama3_mini.config import get_preset, num_params  # noqa: E402
@@ -119,13 +128,18 @@ def main(argv=None) -> None:
                              "(1 is also the fastest on a shared 2-core machine)")
     parser.add_argument("--out", default=str(ROOT / "assets" / "story-model"))
     parser.add_argument("--samples", type=int, default=40, help="samples to score")
-    parser.add_argument("--only", choices=["story-model", "byte-model"],
+    parser.add_argument("--only", choices=["story-model", "byte-model", "qa-finetunes",
+                                           "pretraining-lengths"],
                         help="remake only this asset (default: both)")
     args = parser.parse_args(argv)
     if args.only != "story-model":
         byte_model(Path(args.out).with_name("byte-model"), args.threads)
     if args.only == "byte-model":
         return
+    if args.only == "qa-finetunes":
+        return make_qa_finetunes.main(args.threads)
+    if args.only == "pretraining-lengths":
+        return make_pretraining_lengths.main(args.threads)
     torch.set_num_threads(args.threads)  # the same arithmetic, so the same weights
     torch.manual_seed(0)
     work = Path(args.out).with_name(".make-assets")
@@ -172,6 +186,8 @@ def main(argv=None) -> None:
     shutil.rmtree(work)
     print(json.dumps({k: v for k, v in card.items() if k not in ("model_args", "train_config")},
                      indent=1))
+    make_qa_finetunes.main(args.threads)  # they start from the story model just made
+    make_pretraining_lengths.main(args.threads)  # with its tokenizer
 
 
 def _print_evals(trainer) -> None:

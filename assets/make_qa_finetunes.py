@@ -43,7 +43,7 @@ from llama3_mini.train import evaluate_bpb  # noqa: E402
 
 # The notebook's data: make_qa(N_STORIES, seed=1) split with HELD_OUT stories held out.
 N_STORIES, HELD_OUT, VAL_STORIES = 2000, 15, 30
-STEPS, BATCH = 1000, 16
+STEPS, BATCH = 1500, 16
 TARGETS, RANK, ALPHA = ("wq", "wk", "wv", "wo", "w1", "w2", "w3"), 16, 32
 LRS = {"full": (1e-3, 3e-3), "lora": (1e-3, 3e-3)}
 

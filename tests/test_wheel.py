@@ -94,9 +94,14 @@ def test_the_wheel_carries_the_pretrained_models_and_the_license(wheel):
         for file in ("model.safetensors", "config.json", "tokenizer.tiktoken", "card.json",
                      "README.md"):
             assert f"llama3_mini/assets/{model}/{file}" in names, (model, file)
+    shipped = [p for p in ASSETS.glob("*/*") if not p.parent.name.startswith((".", "__"))]
+    assert {"qa-lora", "pretraining-lengths"} <= {p.parent.name for p in shipped}
+    for path in shipped:  # every file of every asset folder, adapters and checkpoints too
+        assert f"llama3_mini/assets/{path.parent.name}/{path.name}" in names, path
+    assert "llama3_mini/exercises/building.py" in names
     assert "llama3_mini/__main__.py" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
-    assert not any("/.make-assets/" in n or "__pycache__" in n for n in names)
+    assert not any("/.make-" in n or "__pycache__" in n for n in names)
 
 
 def test_load_pretrained_from_the_wheel(venv, outside):
