@@ -137,7 +137,8 @@ def main(argv=None) -> None:
     if args.only == "byte-model":
         return
     if args.only == "qa-finetunes":
-        return make_qa_finetunes.main(args.threads)
+        make_qa_finetunes.main(args.threads)
+        return make_qa_finetunes.mixture(args.threads)
     if args.only == "pretraining-lengths":
         return make_pretraining_lengths.main(args.threads)
     torch.set_num_threads(args.threads)  # the same arithmetic, so the same weights
@@ -187,6 +188,7 @@ def main(argv=None) -> None:
     print(json.dumps({k: v for k, v in card.items() if k not in ("model_args", "train_config")},
                      indent=1))
     make_qa_finetunes.main(args.threads)  # they start from the story model just made
+    make_qa_finetunes.mixture(args.threads)
     make_pretraining_lengths.main(args.threads)  # with its tokenizer
 
 

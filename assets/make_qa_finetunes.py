@@ -5,7 +5,10 @@ STEPS steps each, long enough to answer every kind of question. Too long for the
 
 - assets/qa-full/: the fully fine-tuned model (float16), `load_pretrained("qa-full")`;
 - assets/qa-lora/: LoRA adapters (rank 16 on all seven projections, float16) for the story
-  model, adapters.safetensors, loaded onto `add_lora(base, TARGETS, RANK, ALPHA)`.
+  model, adapters.safetensors, loaded onto `add_lora(base, TARGETS, RANK, ALPHA)`;
+- assets/qa-mix-0/ and assets/qa-mix-25/: chapter 10's mixtures, the story model trained on
+  for MIX_STEPS more steps on fresh stories with 0% and 25% of the documents question-answer
+  dialogs (`mixture()`), `load_pretrained("qa-mix-25")`.
 
 Each method's learning rate is chosen among LRS[method] by exact match on validation
 questions about VAL_STORIES stories set apart from the training stories (the notebook's
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import shutil
 import sys
 import time
@@ -27,7 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llama3_mini.checkpoint import load_pretrained, save_model  # noqa: E402
-from llama3_mini.data import encode_documents, pack_documents, token_bytes  # noqa: E402
+from llama3_mini.data import (  # noqa: E402
+    TokenData,
+    encode_documents,
+    pack_documents,
+    token_bytes,
+)
 from llama3_mini.finetune import (  # noqa: E402
     QUESTIONS,
     answer,
@@ -39,13 +48,14 @@ from llama3_mini.finetune import (  # noqa: E402
 from llama3_mini.lora import add_lora, lora_layers  # noqa: E402
 from llama3_mini.stories import make_stories  # noqa: E402
 from llama3_mini.tokenizer import ChatFormat  # noqa: E402
-from llama3_mini.train import evaluate_bpb  # noqa: E402
+from llama3_mini.train import TrainConfig, Trainer, evaluate_bpb  # noqa: E402
 
 # The notebook's data: make_qa(N_STORIES, seed=1) split with HELD_OUT stories held out.
 N_STORIES, HELD_OUT, VAL_STORIES = 2000, 15, 30
 STEPS, BATCH = 1500, 16
 TARGETS, RANK, ALPHA = ("wq", "wk", "wv", "wo", "w1", "w2", "w3"), 16, 32
 LRS = {"full": (1e-3, 3e-3), "lora": (1e-3, 3e-3)}
+MIX_STEPS, MIX_STORIES, MIX_FRACTIONS = 300, 3000, (0.0, 0.25)
 
 
 def by_kind(model, tokenizer, chat, examples) -> dict[str, float]:
@@ -128,5 +138,55 @@ Weights in float16. Notebook 07 loads it and measures it on its own held-out que
     work.rename(out)
 
 
+def mixture(threads: int = 1) -> None:
+    """Chapter 10: the story model trained MIX_STEPS more steps (8 rows of 256 tokens, AdamW
+    at 1e-3 with the Trainer's warm-up and cosine) on MIX_STORIES fresh stories (seed 11)
+    plus, as a fraction of all documents, the training dialogs of chapter 07's split; every
+    document shuffled into one stream."""
+    import numpy as np
+
+    torch.set_num_threads(threads)
+    base, tokenizer = load_pretrained("story-model", device="cpu")
+    chat = ChatFormat(tokenizer)
+    train, held = split_qa(make_qa(N_STORIES, seed=1), n_heldout_stories=HELD_OUT)
+    dialogs = [np.asarray(encode_example(e, tokenizer, chat)[0], dtype=np.uint16) for e in train]
+    stories = encode_documents([s.text for s in make_stories(MIX_STORIES, seed=11)], tokenizer)
+    for fraction in MIX_FRACTIONS:
+        n_dialogs = int(fraction * len(stories) / (1 - fraction))
+        docs = stories + dialogs[:n_dialogs]
+        random.Random(0).shuffle(docs)
+        data = TokenData(np.concatenate(docs), pack_documents(docs[:4], 256),
+                         token_bytes(tokenizer))
+        cfg = TrainConfig(steps=MIX_STEPS, batch_size=8, seq_len=256, lr=1e-3, min_lr=1e-4,
+                          warmup_steps=10, eval_every=0, seed=0)
+        torch.manual_seed(0)
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        Trainer(model, data, cfg, device="cpu").fit(progress=True)
+        card = {"fraction_dialogs": fraction, "dialogs": n_dialogs, "stories": len(stories),
+                "steps": MIX_STEPS, "train_config": cfg.__dict__, "torch_threads": threads,
+                "seconds": round(time.perf_counter() - start, 1),
+                "held_out_exact_by_kind": by_kind(model.eval(), tokenizer, chat, held)}
+        print(json.dumps(card), flush=True)
+        name = f"qa-mix-{round(100 * fraction)}"
+        out, work = ROOT / "assets" / name, ROOT / "assets" / f".make-{name}"
+        shutil.rmtree(work, ignore_errors=True)
+        save_model(model, work, dtype=torch.float16, tokenizer="tokenizer.tiktoken")
+        shutil.copy(ROOT / "assets" / "story-model" / "tokenizer.tiktoken", work)
+        (work / "card.json").write_text(json.dumps(card, indent=1))
+        (work / "README.md").write_text(f"""# {name}: the story model with {fraction:.0%} dialogs
+
+Made by `make assets` (assets/make_qa_finetunes.py, `mixture`): the story model trained
+{MIX_STEPS} more steps of 8 rows of 256 tokens (AdamW, 1e-3, warm-up and cosine) on
+{len(stories):,} fresh stories (seed 11) and {n_dialogs:,} question-answer dialogs from chapter
+07's training split, shuffled into one stream; {card['seconds']} s on {threads} CPU thread(s).
+Held-out exact match by kind: {card['held_out_exact_by_kind']}. Weights in float16. Notebook
+10 loads it with `load_pretrained("{name}")`.
+""")
+        shutil.rmtree(out, ignore_errors=True)
+        work.rename(out)
+
+
 if __name__ == "__main__":
     main()
+    mixture()

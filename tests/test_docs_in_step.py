@@ -151,6 +151,13 @@ TEACHING = [
      "it on story structure, but pays 5.6 bits per story on function words",
      [Near(r"structure +[\d.]+ +[\d.]+ +(-?[\d.]+)", 0.6, 1),
       "function words      0.0     5.6     5.6"]),
+    ("10", "why is the mixture's story bits per byte still 0.179 when the fine-tuned model's "
+     "rose to 0.740?",
+     [Near(r"25% dialogs +[\d.]+ +[\d% ]+ ([\d.]+)", 0.179, 3),
+      Near(r"0%, then fine-tuned +[\d.]+ +[\d% ]+ ([\d.]+)", 0.740, 3)]),
+    ("10", "Why are places and things answered only 13% of the time by both?",
+     [Near(r"25% dialogs +[\d.]+ +\d+% +(\d+)%", 13),
+      Near(r"25% dialogs +[\d.]+ +\d+% +\d+% +(\d+)%", 13)]),
     ("10", "(name entropy from about 4.6 to 3.5 bits in three generations)",
      ["own samples only ['4.62', ", ", '3.50'] bits"]),
 ]
@@ -188,6 +195,11 @@ NOTEBOOK_PROSE = [
       Near(r"full fine-tune +[\d,]+ +[\d.]+% +[\d.]+ +[\d.]+% +([\d.]+)", 0.645, 3),
       Near(r"LoRA r=2 +[\d,]+ +[\d.]+% +[\d.]+ +([\d.]+)%", 31.7, 1),
       Near(r"LoRA r=2 +[\d,]+ +[\d.]+% +[\d.]+ +[\d.]+% +([\d.]+)", 1.038, 3)]),
+    ("10", "answers as the mixture does (0.22 bits; every hero and friend, 13% and 7% of places "
+     "and things), but its story bits per byte rose from 0.179 to 0.740.",
+     [Near(r"0%, then fine-tuned +([\d.]+)", 0.22, 2),
+      "0%, then fine-tuned 0.22 100% 13% 7% 100% 0.740",
+      Near(r"0% dialogs +[\d.]+ +[\d% ]+ ([\d.]+)", 0.179, 3)]),
 ]
 
 def _check(number, phrase, wanted, document, source):
