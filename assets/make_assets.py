@@ -8,7 +8,11 @@
   questions, fully and with LoRA (make_qa_finetunes.py, ten to fifteen minutes); chapter 07;
 - assets/pretraining-lengths/: a small model's checkpoints at 1 to 64 pre-training tokens per
   parameter, each fine-tuned alike (make_pretraining_lengths.py, about twelve minutes);
-  chapter 07.
+  chapter 07;
+- assets/qa-mix-0/ and assets/qa-mix-25/: the story model trained on with 0% and 25% of its
+  documents question-answer dialogs (make_qa_finetunes.py, `mixture`, two minutes); chapter 10;
+- assets/long-recall/: the story model stretched to 2,048 positions and fine-tuned to carry a
+  name far (make_long_recall.py, two minutes); chapter 08.
 
 Each folder holds model.safetensors (float16), config.json, tokenizer.tiktoken, card.json and
 README.md (the card). `--only byte-model` remakes one of them (the fine-tunes start from the
@@ -27,7 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import make_pretraining_lengths  # noqa: E402  (beside this file)
+import make_long_recall  # noqa: E402  (beside this file)
+import make_pretraining_lengths  # noqa: E402
 import make_qa_finetunes  # noqa: E402
 
 from llama3_mini.checkpoint import load_model, save_model  # noqa: E402
@@ -129,7 +134,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(ROOT / "assets" / "story-model"))
     parser.add_argument("--samples", type=int, default=40, help="samples to score")
     parser.add_argument("--only", choices=["story-model", "byte-model", "qa-finetunes",
-                                           "pretraining-lengths"],
+                                           "pretraining-lengths", "long-recall"],
                         help="remake only this asset (default: both)")
     args = parser.parse_args(argv)
     if args.only != "story-model":
@@ -141,6 +146,8 @@ def main(argv=None) -> None:
         return make_qa_finetunes.mixture(args.threads)
     if args.only == "pretraining-lengths":
         return make_pretraining_lengths.main(args.threads)
+    if args.only == "long-recall":
+        return make_long_recall.main(args.threads)
     torch.set_num_threads(args.threads)  # the same arithmetic, so the same weights
     torch.manual_seed(0)
     work = Path(args.out).with_name(".make-assets")
@@ -190,6 +197,7 @@ def main(argv=None) -> None:
     make_qa_finetunes.main(args.threads)  # they start from the story model just made
     make_qa_finetunes.mixture(args.threads)
     make_pretraining_lengths.main(args.threads)  # with its tokenizer
+    make_long_recall.main(args.threads)
 
 
 def _print_evals(trainer) -> None:

@@ -140,6 +140,11 @@ TEACHING = [
      "positions.)",
      ["plain RoPE                     {'0-256': 0.53",
       "Llama 3.1 scaling (factor 8)   {'0-256': 0.69"]),
+    ("08", "recalls it at every distance to 1,600 tokens",
+     ["scaling + 60 steps, long docs      ['100%', '100%', '100%', '100%', '100%', '100%']"]),
+    ("08", "(0.86 nats per token in the first 256 positions against 0.69 with scaling alone)",
+     ["scaling + long documents           {'0-256': 0.86",
+      "Llama 3.1 scaling (factor 8)   {'0-256': 0.69"]),
     ("08", "63 GiB per sequence for 405B at 128K",
      [Near(r"llama3\.1-405b +8 +[\d.]+ +[\d.]+ +([\d.]+)", 63)]),
     ("08", "`check_stretch_context`, 7 cases", ["stretch_context: right on all 7 cases"]),
@@ -195,6 +200,15 @@ NOTEBOOK_PROSE = [
       Near(r"full fine-tune +[\d,]+ +[\d.]+% +[\d.]+ +[\d.]+% +([\d.]+)", 0.645, 3),
       Near(r"LoRA r=2 +[\d,]+ +[\d.]+% +[\d.]+ +([\d.]+)%", 31.7, 1),
       Near(r"LoRA r=2 +[\d,]+ +[\d.]+% +[\d.]+ +[\d.]+% +([\d.]+)", 1.038, 3)]),
+    ("08", "the long-document model pays 0.86 nats per token in the first 256 positions and "
+     "1.14 between 1,024 and 2,048, against 0.69 and 0.90 for scaling alone and 0.56 and 0.53 "
+     "after the fine-tune on stories",
+     ["scaling + long documents           {'0-256': 0.86, '256-512': 0.92, '512-1024': 1.03, "
+      "'1024-2048': 1.14}",
+      "Llama 3.1 scaling (factor 8)   {'0-256': 0.69, '256-512': 0.69, '512-1024': 0.81, "
+      "'1024-2048': 0.9}",
+      "scaling + 16 steps at 2,048        {'0-256': 0.56, '256-512': 0.53, '512-1024': 0.55, "
+      "'1024-2048': 0.53}"]),
     ("10", "answers as the mixture does (0.22 bits; every hero and friend, 13% and 7% of places "
      "and things), but its story bits per byte rose from 0.179 to 0.740.",
      [Near(r"0%, then fine-tuned +([\d.]+)", 0.22, 2),
