@@ -76,6 +76,21 @@ class LoRALinear(nn.Module):
         return f"in={inp}, out={out}, rank={self.rank}, alpha={self.alpha}"
 
 
+def lora_param_count(args, targets=("wq", "wv"), rank: int = 8) -> int:
+    """What `add_lora(model, targets, rank)` trains, from the shapes alone (no model built):
+    r * (in + out) per adapted projection, in every layer. For Llama 3 8B, rank 16 on wq and
+    wv: 32 layers * 16 * ((4096 + 4096) + (4096 + 1024)) = 6,815,744."""
+    unknown = [t for t in targets if t not in LINEAR_NAMES]
+    if unknown or rank < 1:
+        raise ValueError(f"targets among {', '.join(LINEAR_NAMES)} and rank >= 1, got "
+                         f"{targets!r} and {rank}")
+    q, kv, hidden = args.n_heads * args.head_dim, args.kv_heads * args.head_dim, args.hidden_dim
+    shapes = {"wq": (args.dim, q), "wk": (args.dim, kv), "wv": (args.dim, kv),
+              "wo": (q, args.dim), "w1": (args.dim, hidden), "w2": (hidden, args.dim),
+              "w3": (args.dim, hidden)}  # (in, out) of each projection
+    return args.n_layers * rank * sum(sum(shapes[t]) for t in targets)
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from llama3_mini.exercises import check_dialog_prompt, check_text_bits_per_byte
+from llama3_mini.exercises import check_dialog_prompt, check_lora_params, check_text_bits_per_byte
 
 
 # ------------------------------------------------------------ 01b: the chat prompt, as ids
@@ -76,3 +76,41 @@ def test_text_bpb_rejects_bits_per_character_on_a_text_outside_ascii(capsys):
 def test_text_bpb_rejects_nats_and_a_missing_shift(capsys):
     assert not check_text_bits_per_byte(lambda m, t, x: bpb_by_hand(m, t, x, log=math.log))
     assert not check_text_bits_per_byte(lambda m, t, x: bpb_by_hand(m, t, x, shift=False))
+
+
+# ------------------------------------------------ 07b: what LoRA trains, from the shapes
+def lora_by_hand(args, targets, rank, kv_as_dim=False, one_matrix=False, per_layer=True):
+    head = args.dim // args.n_heads
+    kv = args.dim if kv_as_dim else (args.n_kv_heads or args.n_heads) * head
+    hidden = int(2 * 4 * args.dim / 3)
+    if args.ffn_dim_multiplier is not None:
+        hidden = int(args.ffn_dim_multiplier * hidden)
+    hidden = args.multiple_of * -(-hidden // args.multiple_of)
+    io = {"wq": (args.dim, args.dim), "wk": (args.dim, kv), "wv": (args.dim, kv),
+          "wo": (args.dim, args.dim), "w1": (args.dim, hidden), "w2": (hidden, args.dim),
+          "w3": (args.dim, hidden)}
+    per = sum(rank * (io[t][1] if one_matrix else io[t][0] + io[t][1]) for t in targets)
+    return per * (args.n_layers if per_layer else 1)
+
+
+def test_lora_params_accepts_a_right_answer_and_matches_real_adapters(capsys):
+    from llama3_mini.config import get_preset
+    from llama3_mini.lora import add_lora, trainable_parameters
+    from llama3_mini.model import Transformer
+
+    assert check_lora_params(lora_by_hand)
+    assert "✓ lora_params: right on all 7 cases" in capsys.readouterr().out
+    args = get_preset("tiny").replace(dim=64, n_heads=4, n_kv_heads=2, n_layers=2)
+    for targets in (("wq", "wv"), ("wk", "w2", "w3")):
+        model = add_lora(Transformer(args), targets, rank=4)
+        assert trainable_parameters(model)[0] == lora_by_hand(args, targets, 4)
+
+
+def test_lora_params_rejects_kv_projections_as_wide_as_dim(capsys):
+    assert not check_lora_params(lambda a, t, r: lora_by_hand(a, t, r, kv_as_dim=True))
+    assert "✗ lora_params(" in capsys.readouterr().out
+
+
+def test_lora_params_rejects_counting_b_only_and_one_layer_only(capsys):
+    assert not check_lora_params(lambda a, t, r: lora_by_hand(a, t, r, one_matrix=True))
+    assert not check_lora_params(lambda a, t, r: lora_by_hand(a, t, r, per_layer=False))

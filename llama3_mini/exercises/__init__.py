@@ -22,6 +22,7 @@ from .building import (
 )
 from .checking import run_checks, same
 from .training import (
+    check_lora_params,
     check_loss_mask,
     check_lr_schedule,
     check_merge_shards,
@@ -36,6 +37,6 @@ __all__ = [
     "check_merge", "check_count_pairs", "check_dialog_prompt", "check_rope_rotate",
     "check_gqa_attention", "check_ffn_hidden_dim", "ffn_params", "check_ffn_params",
     "check_top_p", "run_checks", "same", "check_lr_schedule", "check_text_bits_per_byte",
-    "check_loss_mask", "check_rope_scaling", "check_stretch_context", "check_merge_shards",
-    "check_name_entropy",
+    "check_loss_mask", "check_lora_params", "check_rope_scaling", "check_stretch_context",
+    "check_merge_shards", "check_name_entropy",
 ]

@@ -51,3 +51,12 @@ def run_checks(name: str, fn: Callable, reference: Callable, cases: Iterable[tup
     if not quiet:
         print(f"✓ {name}: right on all {len(cases)} cases")
     return True
+
+
+def story_tokenizer():
+    """The course's story tokenizer (960 ranks), for checkers whose cases need a tokenizer:
+    it ships with the package, so no checker trains one."""
+    from ..checkpoint import ASSETS
+    from ..tokenizer import Tokenizer
+
+    return Tokenizer.load(ASSETS / "story-model" / "tokenizer.tiktoken")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .checking import run_checks, same
+from .checking import run_checks, same, story_tokenizer
 
 # --- Chapter 06: the learning-rate schedule ------------------------------------------------
 
@@ -32,9 +32,8 @@ def check_lr_schedule(fn) -> bool:
 def _bpb_cases():
     from ..config import get_preset
     from ..model import Transformer
-    from .building import _story_tokenizer
 
-    tok = _story_tokenizer()
+    tok = story_tokenizer()
     args = get_preset("tiny").replace(dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
                                       vocab_size=tok.n_words, max_seq_len=64)
     torch.manual_seed(0)
@@ -52,7 +51,7 @@ def check_text_bits_per_byte(fn) -> bool:
                       compare=lambda got, exp: same(float(got), exp, atol=1e-4))
 
 
-# --- Chapter 07: the loss mask of supervised fine-tuning -----------------------------------
+# --- Chapter 07: the loss mask of supervised fine-tuning; what LoRA trains ------------------
 
 def _same_mask(got, expected) -> bool:
     try:
@@ -69,6 +68,24 @@ def check_loss_mask(fn) -> bool:
 
     cases = [(1, 2), (2, 2), (3, 7), (5, 6), (1, 9), (12, 20), (30, 31), (4, 40)]
     return run_checks("loss_mask", fn, loss_mask, cases, compare=_same_mask)
+
+
+def _lora_cases():
+    from ..config import PRESETS
+
+    every = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    tiny = PRESETS["tiny"].replace(dim=128, n_heads=4, n_kv_heads=2, vocab_size=1216)
+    return [(tiny, every, 16), (tiny, every, 2), (tiny, ("wq", "wv"), 8),
+            (PRESETS["llama3-8b"], ("wq", "wv"), 16), (PRESETS["llama3-8b"], every, 8),
+            (PRESETS["llama3-70b"], ("wk",), 4), (PRESETS["llama3.2-1b"], ("w2", "wo"), 32)]
+
+
+def check_lora_params(fn) -> bool:
+    """fn(args, targets, rank) -> how many parameters add_lora(model, targets, rank) trains:
+    rank * (in + out) for each adapted projection, in every layer (lora.lora_param_count)."""
+    from ..lora import lora_param_count
+
+    return run_checks("lora_params", fn, lora_param_count, _lora_cases())
 
 
 # --- Chapter 08: Llama 3.1's RoPE scaling --------------------------------------------------
