@@ -108,7 +108,7 @@ def test_load_pretrained_from_the_wheel(venv, outside):
     scripts, env = venv
     python = scripts / ("python.exe" if os.name == "nt" else "python")
     out = _run([python, "-c",
-                "import llama3_mini, llama3_mini.train as t\n"
+                "import llama3_mini, llama3_mini.checkpoint as t\n"
                 "model, tokenizer = t.load_pretrained(device='cpu')\n"
                 "print(llama3_mini.__file__); print(t.ASSETS); print(t.pretrained_models())\n"
                 "print(type(model).__name__, model.training, tokenizer.n_words)\n"
