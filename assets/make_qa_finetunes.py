@@ -45,7 +45,7 @@ from llama3_mini.finetune import (  # noqa: E402
     make_qa,
     split_qa,
 )
-from llama3_mini.lora import add_lora, lora_layers  # noqa: E402
+from llama3_mini.lora import add_lora, lora_state_dict  # noqa: E402
 from llama3_mini.stories import make_stories  # noqa: E402
 from llama3_mini.tokenizer import ChatFormat  # noqa: E402
 from llama3_mini.train import TrainConfig, Trainer, evaluate_bpb  # noqa: E402
@@ -114,8 +114,7 @@ def _save(method: str, model, tokenizer, card: dict) -> None:
         shutil.copy(ROOT / "assets" / "story-model" / "tokenizer.tiktoken", work)
     else:
         work.mkdir(parents=True)
-        adapters = {f"{name}.{p}": getattr(layer, p).detach().to(torch.float16).contiguous()
-                    for name, layer in lora_layers(model).items() for p in ("lora_A", "lora_B")}
+        adapters = {k: v.to(torch.float16).contiguous() for k, v in lora_state_dict(model).items()}
         save_file(adapters, str(work / "adapters.safetensors"))
     (work / "card.json").write_text(json.dumps(card, indent=1))
     runs = "\n".join(f"| {r['lr']:g} | {r['seconds']} | " + " | ".join(
