@@ -13,6 +13,7 @@ server builds its prompts with it too)."""
 from __future__ import annotations
 
 import codecs
+import sys
 import time
 from typing import Iterator
 
@@ -110,13 +111,20 @@ class Conversation:
     def send(self, user_text: str) -> Iterator[str]:
         """Stream the reply to `user_text` as pieces of text, each yielded as soon as its
         tokens complete a character (a UTF-8 character split across tokens waits for its
-        last byte). The reply (what was made, even if the stream is closed early) joins the
-        history when the stream ends."""
+        last byte). A message that cannot fit the window raises ValueError here, before
+        anything changes. The message and the reply (what was made, even if the stream is
+        closed early) join the history as the stream runs."""
         if not isinstance(user_text, str):
             raise TypeError(f"user_text must be a str, got {type(user_text).__name__}")
+        if self.temperature < 0 or not (self.top_p is None or 0 < self.top_p <= 1):
+            raise ValueError(f"temperature ({self.temperature}) must be >= 0 (0 is greedy) "
+                             f"and top_p ({self.top_p}) in (0, 1] or None")
         start = time.perf_counter()
-        ids, dropped = self.prompt_ids(user_text)  # raises before anything is changed
-        self.messages = self.messages[dropped:]  # the dialog minus its system messages
+        ids, dropped = self.prompt_ids(user_text)
+        return self._stream(user_text, ids, dropped, start)
+
+    def _stream(self, user_text: str, ids: list[int], dropped: int, start: float):
+        self.messages = self.messages[dropped:]  # dropped counts from after the system prompt
         self.messages.append({"role": "user", "content": user_text})
         self.dropped, self.reply_ids, self.finish_reason = dropped, [], "length"
         seed = None if self.seed is None else self.seed + self._n_replies
@@ -146,3 +154,65 @@ class Conversation:
     def reply(self, user_text: str) -> str:
         """The whole reply to `user_text` at once (`send`, joined)."""
         return "".join(self.send(user_text))
+
+
+HELP = ("type a message and press Enter; /reset forgets the conversation, /system TEXT sets the "
+        "system prompt (/system alone removes it), /exit (or end of input, Ctrl-D) quits")
+
+
+def run_chat(conversation: Conversation, stdin=None, stdout=None, prompt: str = "you> ",
+             speaker: str = "model> ") -> None:
+    """The terminal conversation of `llama3-mini chat`: read a line, stream the reply,
+    repeat. Lines starting with / are commands (HELP); end of input exits cleanly. Notes in
+    [brackets] say when old messages were dropped to fit the window, when a reply stopped at
+    max_new_tokens, and what a command did."""
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+
+    def say(text: str) -> None:
+        stdout.write(text)
+        stdout.flush()
+
+    say(f"[{HELP}]\n")
+    while True:
+        say(prompt)
+        line = stdin.readline()
+        if not line:  # end of input
+            say("\n")
+            return
+        text = line.rstrip("\r\n")
+        command, _, rest = text.strip().partition(" ")
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/reset":
+            conversation.reset()
+            say("[conversation reset]\n")
+        elif command == "/system":
+            conversation.system = rest.strip() or None
+            say(f"[system prompt: {conversation.system!r}]\n")
+        elif command.startswith("/"):
+            say(f"[unknown command {command}; {HELP}]\n")
+        elif text.strip():
+            _reply(conversation, text, say, speaker)
+
+
+def _reply(conversation: Conversation, text: str, say, speaker: str) -> None:
+    """Stream one reply to the terminal; Ctrl-C stops the reply, not the chat."""
+    try:
+        pieces = conversation.send(text)
+    except ValueError as error:  # the message cannot fit the window
+        say(f"[{error}]\n")
+        return
+    say(speaker)
+    try:
+        for piece in pieces:
+            say(piece)
+    except KeyboardInterrupt:
+        pieces.close()
+        say(" [interrupted]")
+    say("\n")
+    if conversation.dropped:
+        say(f"[dropped the {conversation.dropped} oldest message(s) to fit the model's "
+            f"{conversation.max_seq_len}-token window]\n")
+    if conversation.finish_reason == "length":
+        say(f"[stopped at max_new_tokens ({conversation.max_new_tokens})]\n")

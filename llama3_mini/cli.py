@@ -1,10 +1,13 @@
-"""The `llama3-mini` command: train-tokenizer, train, generate, info, export.
+"""The `llama3-mini` command: train-tokenizer, train, generate, info, export, chat.
 
     llama3-mini train-tokenizer --out runs/tok.tiktoken      # BPE on the story corpus
     llama3-mini train --out-dir runs/story --steps 300       # a model on the stories
     llama3-mini generate --checkpoint runs/story --prompt "Once upon a time"
     llama3-mini info --seq-len 8192                          # presets, params, KV cache
     llama3-mini export runs/story runs/story-hf              # a Hugging Face folder
+    llama3-mini export --format gguf runs/story story.gguf   # one file for llama.cpp, Ollama
+    llama3-mini chat                                         # talk to the QA fine-tune
+    llama3-mini serve --port 8000                            # an OpenAI-compatible server
     python -m llama3_mini info                               # any command, the same way
     torchrun --nproc_per_node=8 -m llama3_mini.cli train ... # the same on 8 GPUs"""
 from __future__ import annotations
@@ -217,12 +220,46 @@ def cmd_info(args) -> None:
               f"{kv_cache_bytes(a, args.seq_len, args.batch_size, args.dtype) / GiB:>16.3f} GiB")
 
 
+def cmd_chat(args) -> None:
+    from .chat import Conversation, run_chat
+
+    model, tokenizer = _load(args)
+    run_chat(Conversation(model, tokenizer, system=args.system, temperature=args.temperature,
+                          top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                          seed=args.seed))
+
+
+def cmd_serve(args) -> None:
+    try:
+        from .serve import serve
+
+        serve(args.checkpoint, host=args.host, port=args.port, model_id=args.model_id,
+              device=args.device)
+    except ImportError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def cmd_export(args) -> None:
     import torch
 
+    if args.format == "gguf":
+        from .gguf_export import export_gguf
+
+        try:
+            out = export_gguf(args.checkpoint, args.out_dir, dtype=args.dtype or "f16",
+                              progress=not args.quiet)
+        except ImportError as e:
+            raise SystemExit(f"error: {e}") from None
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): run it with llama.cpp "
+              f"(llama-cli -m {out}) or Ollama (a Modelfile with FROM {out})")
+        return
     from .hub import export_hf
 
-    out = export_hf(args.checkpoint, args.out_dir, dtype=getattr(torch, args.dtype))
+    dtype = args.dtype or "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {dtype} is for --format gguf; a Hugging Face folder takes "
+                         "float32, bfloat16 or float16")
+    out = export_hf(args.checkpoint, args.out_dir, dtype=getattr(torch, dtype))
     print(f"wrote {out}: load it with transformers' LlamaForCausalLM.from_pretrained({str(out)!r})"
           " and AutoTokenizer.from_pretrained(...)")
 
@@ -309,12 +346,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder")
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder or a GGUF "
+                                      "file (llama.cpp, Ollama, LM Studio)")
     p.add_argument("checkpoint", help="a checkpoint folder, or a training run's (its newest)")
-    p.add_argument("out_dir", help="the Hugging Face folder to write")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="the dtype the weights are stored in")
+    p.add_argument("out_dir", help="the Hugging Face folder (or, with --format gguf, the "
+                                   ".gguf file) to write")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                   help="hf: a Hugging Face folder (default); gguf: one file for llama.cpp")
+    p.add_argument("--dtype", default=None,
+                   choices=["float32", "bfloat16", "float16", "f32", "f16", "bf16", "q8_0"],
+                   help="the type the weights are stored in (hf: float32 by default; gguf: "
+                        "f16 by default, or f32, bf16, q8_0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("chat", help="talk to a model in the terminal (Llama 3's chat format)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint or training folder (default: a pretrained model)")
+    p.add_argument("--model", default="qa-full",
+                   help="the pretrained model to use without --checkpoint (default qa-full: "
+                        "it answers questions about a story given in your message)")
+    p.add_argument("--system", default=None, help="a system prompt (default: none)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling's p")
+    p.add_argument("--max-new-tokens", type=_positive(int), default=128)
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampled replies")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="serve a model to OpenAI-compatible clients (chat API)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint or training folder (default: the pretrained qa-full)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; any "
+                        "other exposes the model, unauthenticated, to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-id", default=None,
+                   help="the model name clients ask for (default: the checkpoint's folder)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
