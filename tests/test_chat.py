@@ -2,6 +2,7 @@
 exported chat template, replies equal to greedy generation (ours and transformers'), the stop
 at <|eot_id|>, the oldest turns dropped when the window fills, and the terminal loop of
 `llama3-mini chat` driven by a scripted stdin (/reset, /system, /exit, end of input)."""
+import html
 import io
 import os
 import subprocess
@@ -199,3 +200,30 @@ def test_the_chat_command_in_a_terminal_process():
                           text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert f"model> {QA[2].answer}\n" in done.stdout
+
+
+def test_the_notebook_widget_streams_the_greedy_reply_only_when_sent(qa, prompts_seen):
+    from llama3_mini.chat_widget import chat_widget
+
+    model, tokenizer, hf_tok, _ = qa
+    w = chat_widget(model, tokenizer, message=QUESTIONS[0], max_new_tokens=30)
+    assert prompts_seen == [] and "No messages yet" in w.transcript.value  # nothing ran
+    shown = []
+    w.transcript.observe(lambda change: shown.append(change["new"]), names="value")
+    w.controls["send"].click()  # what the button does in the page
+    user = {"role": "user", "content": QUESTIONS[0]}
+    assert prompts_seen == [template_ids(hf_tok, [user])]
+    expected = tokenizer.decode(generate(model, [prompts_seen[0]], 30,
+                                         stop_tokens=tokenizer.stop_tokens)[0])
+    assert w.result["reply"] == expected == QA[0].answer and w.controls["message"].value == ""
+    n = len(tokenizer.encode(expected))
+    assert len(shown) >= n  # redrawn as the tokens came, the reply growing each time
+    assert f"{html.escape(expected)}</span></div>" in w.transcript.value
+    assert f"{w.result['tokens']} tokens in" in w.readout.value and w.result["tokens"] == n
+    w.controls["system"].value = "Be brief."
+    assert w.conversation.prompt_ids("Hi")[0] == template_ids(
+        hf_tok, [{"role": "system", "content": "Be brief."}, user,
+                 {"role": "assistant", "content": expected}, {"role": "user", "content": "Hi"}])
+    w.controls["reset"].click()
+    assert w.conversation.messages == [] and expected not in w.transcript.value
+    assert len(prompts_seen) == 1  # neither the system box nor reset generated anything
