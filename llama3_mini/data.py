@@ -150,11 +150,13 @@ def batch_at(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed:
     if batch_size % world_size:
         raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of "
                          f"processes ({world_size})")
-    if len(tokens) < seq_len + 2:
-        raise ValueError(f"{len(tokens)} tokens are too few for sequences of {seq_len}; "
-                         "use more data or a smaller seq_len")
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"{len(tokens)} tokens are too few for sequences of {seq_len}: a "
+                         f"window needs seq_len + 1 = {seq_len + 1}; use more data or a "
+                         "smaller seq_len")
     rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)[rank::world_size]
+    # every start from 0 to len - (seq_len + 1) inclusive: integers' upper bound is exclusive
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)[rank::world_size]
     rows = np.stack([np.asarray(tokens[s: s + seq_len + 1], dtype=np.int64) for s in starts])
     rows = torch.from_numpy(rows)  # (batch_size // world_size, seq_len + 1)
     return rows[:, :-1], rows[:, 1:]

@@ -1,22 +1,16 @@
 """Real Llama 3 weights: Meta's folders and Hugging Face's, loaded into our `Transformer`.
 
-Meta's format (what `llama model download` gives):
-    params.json             the shape, in `ModelArgs`' own field names
-    consolidated.00.pth     the weights, in our names; `.01`, `.02`... when the model was
-                            saved split over several GPUs (model parallel)
-    tokenizer.model         tiktoken's format: one `base64(bytes) rank` a line
-Hugging Face's format (what `huggingface-cli download meta-llama/...` gives):
-    config.json             the shape, in Hugging Face's names
-    model.safetensors       the weights, renamed and with q/k rows permuted; big models are
-                            split as model-0000i-of-0000n.safetensors + model.safetensors.index.json
-    tokenizer.json          the same BPE, as Hugging Face's tokenizers library stores it
-                            (and often original/tokenizer.model, Meta's file)
+Meta's format (`llama model download`): params.json (the shape, in `ModelArgs`' names),
+consolidated.00.pth (the weights, in our names; .01, .02... when saved split over several
+GPUs), tokenizer.model (tiktoken's `base64(bytes) rank` lines). Hugging Face's
+(`huggingface-cli download meta-llama/...`): config.json, model.safetensors (renamed, q/k rows
+permuted; big models split, with model.safetensors.index.json), tokenizer.json.
 
-This module reads and writes those whole folders: Meta's (`save_meta`, `load_meta`, the
-model-parallel shards), Hugging Face's (`load_hf`, `save_hf`, `export_hf`), and
-`Llama.from_pretrained`, which tells the formats apart and also takes the course's own
-folders. The pieces it assembles live where they belong: the name mapping and our own
-folders in checkpoint.py, tokenizer.json in hf_tokenizer.py, tokenizer.model in
+This module reads and writes those whole folders: Meta's (`save_meta`, `load_meta`; the
+model-parallel layout is in meta_format.py), Hugging Face's (`load_hf`, `save_hf`,
+`export_hf`), and `Llama.from_pretrained`, which tells the formats apart and also takes the
+course's own folders. The pieces it assembles live where they belong: the name mapping and
+our own folders in checkpoint.py, tokenizer.json in hf_tokenizer.py, tokenizer.model in
 tokenizer.py."""
 from __future__ import annotations
 
@@ -40,6 +34,14 @@ from .checkpoint import (
 )
 from .config import ModelArgs, pick_device
 from .hf_tokenizer import CHAT_TEMPLATE, ranks_from_tokenizer_json, tokenizer_json
+from .meta_format import (  # noqa: F401  (re-exported: hub.merge_meta_shards, ...)
+    check_shardable,
+    merge_meta_shards,
+    meta_args,
+    meta_params,
+    shard_dim,
+    split_meta_shards,
+)
 from .model import Transformer
 from .rope import freqs_cis_for
 
@@ -66,73 +68,22 @@ def safe_torch_load(file, mmap: bool = True) -> dict:
             "only from sources you trust; prefer safetensors, which cannot carry code.") from None
 
 
-# ----- Meta's format ---------------------------------------------------------------------------
-
-def shard_dim(name: str) -> int | None:
-    """The dimension along which Meta's model-parallel checkpoints split a tensor.
-
-    Column-parallel layers (wq, wk, wv, w1, w3, output) split their output rows (dim 0);
-    row-parallel layers (wo, w2) their input columns (dim 1); the embedding splits the
-    model dimension (dim 1); norms are replicated on every shard (None)."""
-    if name.endswith("norm.weight"):
-        return None
-    if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
-        return 1
-    return 0
-
-
-def merge_meta_shards(shards: list[dict]) -> dict:
-    """Model-parallel shards (consolidated.00.pth, .01, ...) -> one state dict."""
-    if len(shards) == 1:
-        return dict(shards[0])
-    merged = {}
-    for name, first in shards[0].items():
-        if name == "rope.freqs":  # a buffer Llama 2 checkpoints carry; we recompute it
-            continue
-        dim = shard_dim(name)
-        parts = [s[name] for s in shards]
-        merged[name] = first if dim is None else torch.cat(parts, dim=dim)
-    return merged
-
-
-def split_meta_shards(state_dict: dict, n_shards: int) -> list[dict]:
-    """One state dict -> n model-parallel shards, as Meta saves a model run on n GPUs."""
-    shards = [{} for _ in range(n_shards)]
-    for name, w in state_dict.items():
-        dim = shard_dim(name)
-        if dim is not None and w.shape[dim] % n_shards:
-            raise ValueError(f"{name} of shape {tuple(w.shape)} cannot be split into {n_shards} "
-                             f"equal shards along dim {dim}")
-        parts = [w] * n_shards if dim is None else w.chunk(n_shards, dim=dim)
-        for shard, part in zip(shards, parts, strict=True):
-            shard[name] = part.clone()
-    return shards
-
+# ----- Meta's format (its layout: meta_format.py) -----------------------------------------
 
 def save_meta(model: Transformer, folder, n_shards: int = 1, tokenizer_model=None) -> Path:
-    """Write a model in Meta's format: params.json, consolidated.NN.pth, tokenizer.model."""
+    """Write a model in Meta's format: params.json, consolidated.NN.pth (each a rank's slices,
+    output.weight included even when tied, as Meta's files hold it), tokenizer.model."""
+    if n_shards > 1:
+        check_shardable(model.params, n_shards)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    params = {k: v for k, v in model.params.to_dict().items() if v is not None}
-    (folder / "params.json").write_text(json.dumps(params, indent=2))
+    (folder / "params.json").write_text(json.dumps(meta_params(model.params), indent=2))
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for i, shard in enumerate(split_meta_shards(sd, n_shards)):
         torch.save(shard, folder / f"consolidated.{i:02d}.pth")
     if tokenizer_model is not None:
         (folder / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
     return folder
-
-
-def meta_args(params: dict, max_seq_len: int | None = None) -> ModelArgs:
-    """`ModelArgs` from Meta's params.json. Llama 3.1 and 3.2 say `use_scaled_rope` but not
-    by how much: like Hugging Face's converter, take 32 for the 3.2 models (dim 2048 and
-    3072, 1B and 3B) and 8 for 3.1, unless params.json gives `rope_scaling_factor`."""
-    params = dict(params)
-    if params.get("use_scaled_rope") and "rope_scaling_factor" not in params:
-        params["rope_scaling_factor"] = 32.0 if params.get("dim") in (2048, 3072) else 8.0
-    if max_seq_len is not None:
-        params["max_seq_len"] = max_seq_len
-    return ModelArgs.from_dict(params)
 
 
 def load_meta_state_dict(folder) -> tuple[ModelArgs, dict]:
@@ -142,6 +93,12 @@ def load_meta_state_dict(folder) -> tuple[ModelArgs, dict]:
         raise FileNotFoundError(f"{folder} is not a Meta checkpoint: it needs params.json and "
                                 f"{META_WEIGHTS}")
     params = json.loads((folder / "params.json").read_text())
+    kv_heads = params.get("n_kv_heads") or params["n_heads"]
+    if kv_heads % len(files):
+        raise ValueError(f"{folder} has {len(files)} shards but n_kv_heads is {kv_heads}: "
+                         "Meta's reference splits whole KV heads evenly over the shards "
+                         "(llama/model.py line 96), so these cannot be merged by "
+                         "concatenation; for Llama 3.1 405B use the mp8 folder")
     return params, merge_meta_shards([safe_torch_load(f) for f in files])
 
 
@@ -207,10 +164,15 @@ def build_model(args: ModelArgs, state_dict: dict, device=None, dtype=None,
 
 
 def load_meta(folder, device=None, dtype=None, max_seq_len: int | None = 8192) -> Transformer:
-    """Our `Transformer` from a Meta folder (params.json + consolidated.*.pth)."""
+    """Our `Transformer` from a Meta folder (params.json + consolidated.*.pth). Meta's files
+    hold output.weight even for Llama 3.2, whose output shares the embedding's weights (Meta's
+    model.py line 267 always builds `output`, and llama-models' generation.py line 139 loads
+    strictly): an output equal to the embedding, or none, is tied to it, as Hugging Face's
+    config for 3.2 says (tie_word_embeddings)."""
     params, sd = load_meta_state_dict(folder)
     args = meta_args(params, max_seq_len)
-    if "output.weight" not in sd:  # a checkpoint that shares embeddings and output
+    out, emb = sd.get("output.weight"), sd["tok_embeddings.weight"]
+    if out is None or (out.shape == emb.shape and torch.equal(out, emb)):
         args = args.replace(tie_word_embeddings=True)
     return build_model(args, sd, device, dtype, source=str(folder))
 

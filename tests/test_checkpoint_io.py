@@ -36,11 +36,14 @@ def hf_logits(hf, tokens):
         return hf(tokens).logits
 
 
-# Meta's model-parallel layout, from its reference code: ColumnParallelLinear splits output
-# features (dim 0), RowParallelLinear input features (dim 1), ParallelEmbedding the embedding
-# dimension (dim 1); RMSNorm weights are copied to every shard.
+# Meta's model-parallel layout, read from its Llama 3 reference (meta-llama/llama3,
+# llama/model.py): ColumnParallelLinear splits output features, dim 0 (wq, wk, wv lines 100-120;
+# w1, w3 208, 214; output 267); RowParallelLinear input features, dim 1 (wo 121, w2 211);
+# VocabParallelEmbedding the vocabulary, dim 0 (tok_embeddings 258; Llama 2's ParallelEmbedding
+# split dim 1); RMSNorm weights are whole on every shard. tests/test_meta_shards.py has
+# fairscale's own layers make the shards.
 META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1,
-              "tok_embeddings": 1, "attention_norm": None, "ffn_norm": None, "norm": None}
+              "tok_embeddings": 0, "attention_norm": None, "ffn_norm": None, "norm": None}
 
 
 def write_meta(hf, folder: Path, n_shards: int, with_output: bool = True) -> Path:

@@ -119,6 +119,33 @@ def test_token_file_round_trip_and_batches(tmp_path):
         batch_at(tokens, 0, 3, 16, world_size=2)
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 40), seq_len=st.integers(1, 30), seed=st.integers(0, 10_000))
+def test_batch_at_draws_every_valid_start_and_no_other(n, seq_len, seed):
+    """A window of seq_len + 1 tokens may start anywhere from 0 to n - seq_len - 1: over
+    many steps every such start is drawn (the last one included), and none past it."""
+    if n < seq_len + 1:
+        with pytest.raises(ValueError, match="too few for sequences"):
+            batch_at(np.arange(n), 0, 4, seq_len, seed)
+        return
+    tokens = np.arange(n)  # a token's value is its position, so x[:, 0] is the start
+    starts = set()
+    for step in range(50):
+        x, y = batch_at(tokens, step, batch_size=16, seq_len=seq_len, seed=seed)
+        starts |= set(x[:, 0].tolist())
+        torch.testing.assert_close(y, x + 1)  # targets: the next token of every input
+    assert starts == set(range(n - seq_len))  # 800 draws from at most 40 starts
+
+
+def test_batch_at_on_exactly_one_window():
+    tokens = np.arange(17)  # seq_len + 1 tokens: one window, the whole stream
+    x, y = batch_at(tokens, step=0, batch_size=3, seq_len=16)
+    assert torch.equal(x, torch.arange(16).repeat(3, 1))
+    assert torch.equal(y, torch.arange(1, 17).repeat(3, 1))
+    with pytest.raises(ValueError, match=r"a window needs seq_len \+ 1 = 17"):
+        batch_at(tokens[:16], step=0, batch_size=3, seq_len=16)
+
+
 def test_story_data_floor_and_bytes():
     d = data.story_data(ByteTokenizer(), n_stories=40, seq_len=64)
     val = split_documents(make_stories(40, 0), 0.05)[1]
