@@ -39,6 +39,7 @@ def test_count_params_rejects_ignoring_grouped_query_attention(capsys):
     assert "✗ count_params(ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8" in out
     # Llama 3 8B with a K and V head per query head: 2 * 32 * 4096 * 3072 more weights
     assert "returned 8835567616" in out and "expected 8030261248" in out
+    assert "→ this gives wk and wv one head per query head" in out
 
 
 def test_count_params_rejects_always_untied_embeddings(capsys):
@@ -47,11 +48,14 @@ def test_count_params_rejects_always_untied_embeddings(capsys):
     # Llama 3.2 1B shares its embedding and output matrix: 128256 * 2048 counted twice
     assert "✗ count_params(ModelArgs(dim=2048, n_layers=16" in out
     assert "returned 1498482688" in out and "expected 1235814400" in out
+    assert "→ this counts the output matrix although it is tied" in out
 
 
 def test_count_params_rejects_forgetting_the_final_norm(capsys):
     assert not check_count_params(lambda a: count_by_hand(a, final_norm=False))
-    assert "returned 8030257152\n  expected 8030261248" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "returned 8030257152\n  expected 8030261248" in out
+    assert "→ this leaves out the final norm" in out
 
 
 def test_count_params_lets_the_learners_own_error_through():
@@ -86,6 +90,9 @@ def test_ffn_hidden_dim_rejects_plausible_mistakes_on_llama3_8b(capsys, mistake,
     assert not check_ffn_hidden_dim(lambda d, m, f: hidden_by_hand(d, m, f, **mistake))
     out = capsys.readouterr().out
     assert f"✗ ffn_hidden_dim(4096, 1024, 1.3)\n  returned {returned}\n  expected 14336" in out
+    named = {"round_up": "→ this rounds down", "two_thirds": "→ this starts from 4 * dim",
+             "use_multiplier": "→ this leaves out ffn_dim_multiplier"}
+    assert named[next(iter(mistake))] in out
 
 
 
@@ -111,6 +118,7 @@ def test_name_entropy_rejects_nats_for_bits(capsys):
     assert not check_name_entropy(lambda names: entropy_by_hand(names, log=math.log))
     out = capsys.readouterr().out
     assert "✗ name_entropy(['Lily', 'Tom'])\n  returned 0.693" in out and "expected 1.0" in out
+    assert "→ this is in nats (natural logarithm)" in out
 
 
 def test_name_entropy_rejects_counting_distinct_names_only(capsys):
@@ -119,14 +127,17 @@ def test_name_entropy_rejects_counting_distinct_names_only(capsys):
     # two Lilys, one Tom, one Mia: 1.5 bits, not log2(3) = 1.585
     assert "✗ name_entropy(['Lily', 'Lily', 'Tom', 'Mia'])\n  returned 1.58" in out
     assert "expected 1.5" in out
+    assert "→ this is log2 of the number of distinct names" in out
 
 
 def test_name_entropy_rejects_nan_for_the_empty_list(capsys):
     assert not check_name_entropy(lambda names: entropy_by_hand(names) if names else math.nan)
-    assert "✗ name_entropy([])\n  returned nan" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "✗ name_entropy([])\n  returned nan" in out
+    assert "an empty list has no names to choose between: its entropy is 0.0" in out
 
 
-def test_name_entropy_lets_a_crash_on_the_empty_list_through():
+def test_name_entropy_lets_a_crash_on_the_empty_list_through(capsys):
     def divides_by_zero(names):
         share = 1 / len(names)  # the learner forgot the empty list
         return -sum(names.count(n) * share * math.log2(names.count(n) * share)
@@ -134,3 +145,6 @@ def test_name_entropy_lets_a_crash_on_the_empty_list_through():
 
     with pytest.raises(ZeroDivisionError):
         check_name_entropy(divides_by_zero)
+    # the mistake is named before the learner's own traceback
+    assert "your function raised ZeroDivisionError\n  → an empty list has no names" in \
+        capsys.readouterr().out

@@ -1,10 +1,12 @@
 """The chapter 02 and 03 checkers accept a right answer written independently of the package
-and reject plausible wrong ones, naming the failing case."""
+and reject plausible wrong ones, naming the failing case, the first index that differs, a
+small case where the error shows, and the mistake."""
 import math
 
+import pytest
 import torch
 
-from llama3_mini.exercises import check_gqa_attention, check_rope_rotate
+from llama3_mini.exercises import check_gqa_attention, check_rope_rotate, check_rope_scores
 
 
 # ---------------------------------------------------------------------- chapter 02: RoPE
@@ -72,3 +74,72 @@ def test_gqa_checker_rejects_a_missing_mask(capsys):
 def test_gqa_checker_rejects_a_missing_scale(capsys):
     assert not check_gqa_attention(lambda q, k, v: gqa_by_hand(q, k, v, scale=False))
     assert "✗ gqa_attention(tensor(shape=(1, 2, 3, 4)" in capsys.readouterr().out
+
+
+def test_gqa_checker_names_tiling_at_its_first_differing_index_with_a_small_case(capsys):
+    """Tiled and grouped heads agree on query head 0, so the first 8 values printed are equal:
+    the checker must point at the head where they part, and show a case small enough to read."""
+    assert not check_gqa_attention(lambda q, k, v: gqa_by_hand(q, k, v, order="tiled"))
+    out = capsys.readouterr().out
+    assert "first difference at [0, 1, 0, 0]" in out  # batch 0, query head 1, position 0
+    assert "→ this tiles the KV heads with `repeat`" in out
+    # KV head g holds 10g + position: tiled, head 1 reads KV head 1 (10, ...), grouped KV head 0
+    assert "yours    [[0.0, 0.88], [10.0, 10.88], [0.0, 0.88], [10.0, 10.88]]" in out
+    assert "expected [[0.0, 0.88], [0.0, 0.88], [10.0, 10.88], [10.0, 10.88]]" in out
+
+
+def test_gqa_checker_names_a_missing_mask_and_a_missing_scale(capsys):
+    assert not check_gqa_attention(lambda q, k, v: gqa_by_hand(q, k, v, causal=False))
+    out = capsys.readouterr().out
+    assert "→ this has no causal mask" in out
+    assert "yours    [[0.88, 0.88]," in out  # position 0 read position 1's value
+    assert not check_gqa_attention(lambda q, k, v: gqa_by_hand(q, k, v, scale=False))
+    out = capsys.readouterr().out
+    assert "→ this leaves out the 1 / sqrt(head_dim)" in out
+    assert "yours    [[0.0, 0.98]," in out  # softmax([0, 4]) instead of softmax([0, 2])
+
+
+# ------------------------------------------- chapter 02: the score at an offset, from RoPE
+def scores_by_hand(q, k, max_offset, theta, turn="q", layout="adjacent", exponent=2):
+    """Complex numbers, as in Meta's reference: pair (a, b) is a + ib, turned by e^(i d w)."""
+    head_dim = q.shape[0]
+
+    def pairs(x):
+        if layout == "adjacent":
+            return torch.complex(x[0::2].double(), x[1::2].double())
+        return torch.complex(x[: head_dim // 2].double(), x[head_dim // 2:].double())
+    omega = theta ** (-exponent * torch.arange(head_dim // 2, dtype=torch.float64) / head_dim)
+    out = []
+    for d in range(max_offset + 1):
+        turn_by = torch.polar(torch.ones_like(omega), d * omega)
+        zq = pairs(q) * turn_by if turn in ("q", "both") else pairs(q)
+        zk = pairs(k) * turn_by if turn in ("k", "both") else pairs(k)
+        out.append((zq * zk.conj()).real.sum())  # Re(zq conj(zk)) = the real dot product
+    return torch.stack(out)
+
+
+def test_rope_scores_checker_accepts_a_right_answer(capsys):
+    assert check_rope_scores(scores_by_hand)
+    assert "✓ rope_scores: right on all 8 cases" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mistake, named", [
+    ({"turn": "k"}, "→ this turns the key forward instead of the query"),
+    ({"turn": "both"}, "→ this turns q and k by the same angle"),
+    ({"layout": "half"}, "→ this pairs dimension i with i + head_dim/2"),
+    ({"exponent": 1}, "→ this uses the frequency theta ** (-i / head_dim)"),
+])
+def test_rope_scores_checker_names_each_mistake(capsys, mistake, named):
+    assert not check_rope_scores(lambda q, k, n, t: scores_by_hand(q, k, n, t, **mistake))
+    out = capsys.readouterr().out
+    assert named in out and "first difference at [" in out
+    # the small case: pair i adds sin(d * omega_i), with omega 1 and 0.1 at theta 100
+    right = [round(math.sin(d) + math.sin(0.1 * d), 3) for d in range(4)]
+    assert f"expected {right}" in out
+
+
+def test_rope_rotate_checker_names_its_mistakes(capsys):
+    assert not check_rope_rotate(lambda x, p, t: rope_by_hand(x, p, t, layout="half"))
+    assert "→ this pairs dimension i with i + head_dim/2" in capsys.readouterr().out
+    assert not check_rope_rotate(lambda x, p, t: rope_by_hand(x, p, t, sign=-1))
+    assert "→ this turns the wrong way" in capsys.readouterr().out

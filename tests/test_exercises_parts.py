@@ -33,18 +33,36 @@ def test_dialog_prompt_accepts_a_right_answer(capsys):
 
 def test_dialog_prompt_rejects_a_prompt_encoded_as_one_string(capsys):
     assert not check_dialog_prompt(lambda tok, d: prompt_by_hand(tok, d, as_string=True))
-    assert "✗ dialog_prompt(" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "✗ dialog_prompt(" in out
+    assert "→ this builds the prompt as one string and encodes it" in out
+    # the ids decoded: the learner reads text, not numbers, at the first token that differs
+    assert "first difference at token 0, decoded from there:\n" \
+        "    yours    '<|begin_of_text|>" in out
+    assert "    expected '<|begin_of_text|><|start_header_id|>assistant" in out
 
 
 def test_dialog_prompt_rejects_a_missing_assistant_header_even_for_no_messages(capsys):
     assert not check_dialog_prompt(lambda tok, d: prompt_by_hand(tok, d, open_header=False))
     out = capsys.readouterr().out
     assert "✗ dialog_prompt(Tokenizer(n_ranks=960, n_words=1216), [])" in out
+    assert "→ this leaves out the open assistant header at the end" in out
+    assert "first difference at token 1, decoded from there:\n    yours    (end)" in out
+
+
+def test_dialog_prompt_rejects_an_assistant_header_closed_with_eot(capsys):
+    def closed(tok, d):
+        return prompt_by_hand(tok, d) + [tok.special_tokens["<|eot_id|>"]]
+
+    assert not check_dialog_prompt(closed)
+    assert "→ this closes the assistant header with <|eot_id|>" in capsys.readouterr().out
 
 
 def test_dialog_prompt_rejects_unstripped_content_on_the_padded_message(capsys):
     assert not check_dialog_prompt(lambda tok, d: prompt_by_hand(tok, d, strip=False))
-    assert "padded with spaces" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "padded with spaces" in out
+    assert "→ this keeps the spaces and newlines around a message's content" in out
 
 
 # ------------------------------------------------------ 06b: bits per byte on any text
@@ -65,17 +83,23 @@ def test_text_bpb_accepts_a_right_answer(capsys):
 
 def test_text_bpb_rejects_bits_per_token(capsys):
     assert not check_text_bits_per_byte(lambda m, t, x: bpb_by_hand(m, t, x, per="token"))
-    assert "✗ text_bits_per_byte(" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "✗ text_bits_per_byte(" in out and "→ this divides by the number of tokens" in out
 
 
 def test_text_bpb_rejects_bits_per_character_on_a_text_outside_ascii(capsys):
     assert not check_text_bits_per_byte(lambda m, t, x: bpb_by_hand(m, t, x, per="char"))
-    assert "'Öl 日本 🦙'" in capsys.readouterr().out  # the first text that is not ASCII
+    out = capsys.readouterr().out
+    assert "'Öl 日本 🦙'" in out  # the first text that is not ASCII
+    assert "→ this divides by the number of characters" in out
 
 
 def test_text_bpb_rejects_nats_and_a_missing_shift(capsys):
     assert not check_text_bits_per_byte(lambda m, t, x: bpb_by_hand(m, t, x, log=math.log))
+    assert "→ this is in nats (natural logarithm)" in capsys.readouterr().out
     assert not check_text_bits_per_byte(lambda m, t, x: bpb_by_hand(m, t, x, shift=False))
+    assert "→ this scores each position's own token, <|begin_of_text|> included" in \
+        capsys.readouterr().out
 
 
 # ------------------------------------------------ 07b: what LoRA trains, from the shapes
@@ -108,9 +132,12 @@ def test_lora_params_accepts_a_right_answer_and_matches_real_adapters(capsys):
 
 def test_lora_params_rejects_kv_projections_as_wide_as_dim(capsys):
     assert not check_lora_params(lambda a, t, r: lora_by_hand(a, t, r, kv_as_dim=True))
-    assert "✗ lora_params(" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "✗ lora_params(" in out and "→ this makes wk and wv as wide as dim" in out
 
 
 def test_lora_params_rejects_counting_b_only_and_one_layer_only(capsys):
     assert not check_lora_params(lambda a, t, r: lora_by_hand(a, t, r, one_matrix=True))
+    assert "→ this counts B only" in capsys.readouterr().out
     assert not check_lora_params(lambda a, t, r: lora_by_hand(a, t, r, per_layer=False))
+    assert "→ this counts one layer" in capsys.readouterr().out

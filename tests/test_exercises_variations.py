@@ -45,16 +45,21 @@ def test_qkv_bias_rejects_key_and_value_biases_as_wide_as_dim(capsys):
     assert "✗ count_params_qkv_bias(ModelArgs(dim=4096, n_layers=32" in out
     # 8B: wk and wv have 8 * 128 = 1024 outputs, not 4096: 2 * 3072 * 32 too many
     assert "returned 8030654464" in out and "expected 8030457856" in out
+    assert "→ this makes every bias as wide as dim" in out
 
 
 def test_qkv_bias_rejects_a_bias_on_wo_too(capsys):
     assert not check_count_params_qkv_bias(lambda a: qkv_bias_by_hand(a, on_wo=True))
-    assert "returned 8030588928\n  expected 8030457856" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "returned 8030588928\n  expected 8030457856" in out
+    assert "→ this gives wo a bias too" in out
 
 
 def test_qkv_bias_rejects_biases_counted_once_not_per_layer(capsys):
     assert not check_count_params_qkv_bias(lambda a: qkv_bias_by_hand(a, per_layer=False))
-    assert "returned 8030267392\n  expected 8030457856" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "returned 8030267392\n  expected 8030457856" in out
+    assert "→ this counts the biases once" in out
 
 
 def test_qkv_bias_on_llama3_8b_is_196608_more_than_without():
@@ -86,6 +91,9 @@ def test_ffn_params_rejects_plausible_mistakes_on_llama3_8b(capsys, mistake, ret
     out = capsys.readouterr().out
     assert "✗ ffn_params(4096, 1024, 1.3)" in out
     assert f"returned {returned}\n  expected {3 * 4096 * 14336}" in out
+    named = {"matrices": "→ this counts two matrices", "two_thirds": "→ this starts from 4 * dim",
+             "round_up": "→ this rounds down"}
+    assert named[next(iter(mistake))] in out
 
 
 # ----------------------------------- chapter 08: Llama 3.1 scaling settings for a new length
@@ -105,17 +113,19 @@ def test_stretch_accepts_a_right_answer(capsys):
     assert "✓ stretch_context: right on all 7 cases" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("mistake, message", [
-    ({"invert": True}, "rope_scaling_factor: got 0.125, expected 8.0"),
+@pytest.mark.parametrize("mistake, message, named", [
+    ({"invert": True}, "rope_scaling_factor: got 0.125, expected 8.0", "the wrong way up"),
     # the bands must be set by the window the model was trained on (256), not the default 8192
-    ({"keep_original": True}, "rope_original_max_seq_len: got 8192, expected 256"),
-    ({"keep_window": True}, "max_seq_len: got 256, expected 2048"),
-    ({"flag": False}, "use_scaled_rope: got False, expected True"),
+    ({"keep_original": True}, "rope_original_max_seq_len: got 8192, expected 256",
+     "keeps rope_original_max_seq_len at its default"),
+    ({"keep_window": True}, "max_seq_len: got 256, expected 2048", "leaves the window"),
+    ({"flag": False}, "use_scaled_rope: got False, expected True", "scaling switched off"),
 ])
-def test_stretch_rejects_plausible_mistakes_naming_the_field(capsys, mistake, message):
+def test_stretch_rejects_plausible_mistakes_naming_the_field(capsys, mistake, message, named):
     assert not check_stretch_context(lambda a, n: stretch_by_hand(a, n, **mistake))
     out = capsys.readouterr().out
     assert message in out
+    assert "→ " in out and named in out.split("→ ")[1]
     assert "✗ stretch_context(<model of dim 128, theta 500000, trained on 256 tokens>, 2048)" in out
 
 

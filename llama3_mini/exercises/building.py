@@ -1,10 +1,11 @@
-"""Checkers for chapters 00 to 05: building the model (parameters, the tokenizer, RoPE,
-attention, the feed-forward, generation)."""
+"""Checkers for chapters 00, 01 and 05: parameters, the tokenizer, generation (chapters 02
+to 04, the layers, are in layers.py). Each names the likely mistakes (TEACHING.md lists
+them, exercise by exercise) by computing them here, written out with a switch per mistake."""
 from __future__ import annotations
 
 import torch
 
-from .checking import run_checks, same, story_tokenizer
+from .checking import run_checks, story_tokenizer
 
 # --- Chapter 00: counting parameters -------------------------------------------------------
 
@@ -22,7 +23,19 @@ def check_count_params(fn) -> bool:
     """fn(args) -> the model's total parameter count, from its shapes alone."""
     from ..config import num_params
 
-    return run_checks("count_params", fn, num_params, _config_cases())
+    def ignoring_gqa(args):
+        return num_params(args.replace(n_kv_heads=args.n_heads))
+
+    def always_untied(args):
+        return num_params(args.replace(tie_word_embeddings=False))
+
+    return run_checks("count_params", fn, num_params, _config_cases(), mistakes=[
+        ("this gives wk and wv one head per query head; under grouped-query attention they "
+         "have n_kv_heads * head_dim outputs", ignoring_gqa),
+        ("this counts the output matrix although it is tied to tok_embeddings "
+         "(tie_word_embeddings): one matrix, counted once", always_untied),
+        ("this leaves out the final norm (dim weights after the last layer)",
+         lambda args: num_params(args) - args.dim)])
 
 
 def count_params_with_qkv_bias(args) -> int:
@@ -37,7 +50,17 @@ def count_params_with_qkv_bias(args) -> int:
 def check_count_params_qkv_bias(fn) -> bool:
     """fn(args) -> the total parameter count of args's model if wq, wk and wv each had a
     bias (wo none), from the shapes alone."""
-    return run_checks("count_params_qkv_bias", fn, count_params_with_qkv_bias, _config_cases())
+    from ..config import num_params
+
+    return run_checks("count_params_qkv_bias", fn, count_params_with_qkv_bias, _config_cases(),
+                      mistakes=[
+        ("this makes every bias as wide as dim; wk and wv have n_kv_heads * head_dim outputs "
+         "under grouped-query attention, so their biases are that wide",
+         lambda a: num_params(a) + a.n_layers * 3 * a.dim),
+        ("this gives wo a bias too; only wq, wk and wv have one",
+         lambda a: count_params_with_qkv_bias(a) + a.n_layers * a.dim),
+        ("this counts the biases once; every layer has its own wq, wk and wv, so n_layers times",
+         lambda a: num_params(a) + a.dim + 2 * a.kv_heads * a.head_dim)])
 
 
 # --- Chapter 01: the tokenizer -------------------------------------------------------------
@@ -53,12 +76,32 @@ def _merge_cases():
     return cases
 
 
+def _merge_by_hand(ids, pair, new_id, first_only=False, step=2, last=True):
+    """merge written out, with the switches for the likely mistakes."""
+    out, i, done = [], 0, False
+    while i < len(ids) - (0 if last else 1):
+        if not done and i + 1 < len(ids) and (ids[i], ids[i + 1]) == tuple(pair):
+            out.append(new_id)
+            i, done = i + step, first_only
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
 def check_merge(fn) -> bool:
     """fn(ids, pair, new_id) -> a new list: ids with each occurrence of pair, scanning left
     to right, replaced by new_id ([7, 7, 7] with (7, 7) -> [new_id, 7])."""
     from ..tokenizer import merge
 
-    return run_checks("merge", fn, merge, _merge_cases())
+    return run_checks("merge", fn, merge, _merge_cases(), mistakes=[
+        ("this replaces only the first occurrence of the pair; merge replaces every one, "
+         "left to right", lambda *c: _merge_by_hand(*c, first_only=True)),
+        ("this does not step over a merged pair, so its second id starts a pair again "
+         "([7, 7, 7] -> [256, 256, 7]); after a match, move on by two",
+         lambda *c: _merge_by_hand(*c, step=1)),
+        ("this drops the last id: a loop to len(ids) - 1 must still copy ids[-1] when it is "
+         "not part of a pair", lambda *c: _merge_by_hand(*c, last=False))])
 
 
 def check_count_pairs(fn) -> bool:
@@ -66,7 +109,9 @@ def check_count_pairs(fn) -> bool:
     from ..tokenizer import count_pairs
 
     return run_checks("count_pairs", fn, lambda ids: count_pairs(ids),
-                      [(ids,) for ids, _, _ in _merge_cases()])
+                      [(ids,) for ids, _, _ in _merge_cases()], mistakes=[
+        ("this gives every pair the count 1; count how often each occurs",
+         lambda ids: dict.fromkeys(zip(ids, ids[1:], strict=False), 1))])
 
 
 def _dialog_cases():
@@ -85,6 +130,41 @@ def _dialog_cases():
     return [(tok, dialog) for dialog in dialogs]
 
 
+def _prompt_by_hand(tok, dialog, as_string=False, header=True, close=False, strip=True):
+    """The chat prompt written out, with the switches for the likely mistakes."""
+    if as_string:  # one string, encoded once: the control tokens' text becomes plain text
+        return tok.encode("<|begin_of_text|>" + "".join(
+            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+            for m in dialog) + "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    special = tok.special_tokens
+
+    def head(role):
+        return [special["<|start_header_id|>"], *tok.encode(role), special["<|end_header_id|>"],
+                *tok.encode("\n\n")]
+    ids = [special["<|begin_of_text|>"]]
+    for m in dialog:
+        content = m["content"].strip() if strip else m["content"]
+        ids += head(m["role"]) + tok.encode(content) + [special["<|eot_id|>"]]
+    if header:
+        ids += head("assistant") + ([special["<|eot_id|>"]] if close else [])
+    return ids
+
+
+def _decoded_difference(got, expected, case) -> list[str]:
+    """The first token where two lists of ids differ, decoded, and the texts from there."""
+    tok = case[0]
+    if not isinstance(got, (list, tuple)) or not all(isinstance(t, int) for t in got):
+        return [f"a {type(got).__name__} instead of a list of token ids"]
+    i = next((i for i, (g, e) in enumerate(zip(got, expected, strict=False)) if g != e),
+             min(len(got), len(expected)))
+
+    def text(ids):  # the tokens from there on, decoded
+        rest = tok.decode(list(ids[i:]))
+        return repr(rest if len(rest) <= 60 else rest[:57] + "...") if i < len(ids) else "(end)"
+    return [f"first difference at token {i}, decoded from there:", f"  yours    {text(got)}",
+            f"  expected {text(expected)}"]
+
+
 def check_dialog_prompt(fn) -> bool:
     """fn(tok, dialog) -> the token ids of Llama 3's chat prompt: <|begin_of_text|>, then
     for each message <|start_header_id|> role <|end_header_id|> "\\n\\n" content (stripped)
@@ -93,90 +173,17 @@ def check_dialog_prompt(fn) -> bool:
 
     return run_checks("dialog_prompt", fn,
                       lambda tok, dialog: ChatFormat(tok).encode_dialog_prompt(dialog),
-                      _dialog_cases())
-
-
-# --- Chapter 02: rotary position embeddings ------------------------------------------------
-
-def _rope_reference(x, position, theta):
-    from ..rope import apply_rotary_emb, precompute_freqs_cis
-
-    head_dim = x.shape[-1]
-    freqs_cis = precompute_freqs_cis(head_dim, position + 1, theta)[position: position + 1]
-    rotated, _ = apply_rotary_emb(x[None, None, None], x[None, None, None], freqs_cis)
-    return rotated[0, 0, 0]  # (head_dim,)
-
-
-def check_rope_rotate(fn) -> bool:
-    """fn(x, position, theta) -> x rotated as RoPE does at `position`: x is (head_dim,), its
-    adjacent pairs (x[2i], x[2i+1]) each turned by position * theta ** (-2i / head_dim)."""
-    generator = torch.Generator().manual_seed(2)
-    cases = [(torch.tensor([1.0, 0.0]), 1, 10000.0), (torch.tensor([1.0, 0.0, 0.0, 1.0]), 3, 100.0)]
-    for head_dim, position, theta in ((8, 0, 10000.0), (8, 5, 10000.0), (16, 17, 500000.0),
-                                      (64, 1000, 500000.0), (128, 4095, 500000.0)):
-        cases.append((torch.randn(head_dim, generator=generator), position, theta))
-    return run_checks("rope_rotate", fn, _rope_reference, cases,
-                      compare=lambda got, exp: same(got, exp, atol=1e-3))
-
-
-# --- Chapter 03: grouped-query attention ---------------------------------------------------
-
-def _gqa_reference(q, k, v):
-    from ..model import attention, causal_mask, repeat_kv
-
-    n_rep = q.shape[1] // k.shape[1]
-    keys = repeat_kv(k.transpose(1, 2), n_rep).transpose(1, 2)  # (batch, n_heads, seq, hd)
-    values = repeat_kv(v.transpose(1, 2), n_rep).transpose(1, 2)
-    return attention(q, keys, values, causal_mask(q.shape[2]))[0]
-
-
-def check_gqa_attention(fn) -> bool:
-    """fn(q, k, v) -> causal grouped-query attention output (batch, n_heads, seq, head_dim).
-    q: (batch, n_heads, seq, head_dim); k, v: (batch, n_kv_heads, seq, head_dim); query head
-    h uses KV head h // (n_heads // n_kv_heads)."""
-    generator = torch.Generator().manual_seed(3)
-    cases = []
-    for batch, n_heads, n_kv_heads, seq, head_dim in ((1, 1, 1, 1, 2), (1, 2, 1, 3, 4),
-                                                      (2, 4, 2, 5, 8), (1, 8, 2, 7, 16),
-                                                      (2, 6, 3, 4, 8), (1, 4, 4, 6, 8)):
-        q = torch.randn(batch, n_heads, seq, head_dim, generator=generator)
-        k = torch.randn(batch, n_kv_heads, seq, head_dim, generator=generator)
-        v = torch.randn(batch, n_kv_heads, seq, head_dim, generator=generator)
-        cases.append((q, k, v))
-    return run_checks("gqa_attention", fn, _gqa_reference, cases)
-
-
-# --- Chapter 04: the SwiGLU hidden size ----------------------------------------------------
-
-_FFN_CASES = [(4096, 1024, 1.3), (8192, 4096, 1.3), (16384, 4096, 1.2), (2048, 256, 1.5),
-              (3072, 256, 1.0), (256, 32, None), (100, 1, None), (96, 7, 0.9), (4096, 256, None)]
-
-
-def _ffn_layer(dim, multiple_of, ffn_dim_multiplier):
-    """One layer of width dim, Meta's SwiGLU rule for its hidden size."""
-    from ..config import ModelArgs
-
-    return ModelArgs(dim=dim, n_heads=1, n_layers=1, multiple_of=multiple_of,
-                     ffn_dim_multiplier=ffn_dim_multiplier)
-
-
-def check_ffn_hidden_dim(fn) -> bool:
-    """fn(dim, multiple_of, ffn_dim_multiplier) -> Meta's SwiGLU hidden size."""
-    return run_checks("ffn_hidden_dim", fn, lambda *c: _ffn_layer(*c).hidden_dim, _FFN_CASES)
-
-
-def ffn_params(dim: int, multiple_of: int, ffn_dim_multiplier) -> int:
-    """Weights in one SwiGLU feed-forward: w1 and w3 (hidden x dim) and w2 (dim x hidden),
-    no biases, with hidden from Meta's rule: (4096, 1024, 1.3) -> 3 * 4096 * 14336."""
-    from ..config import param_counts
-
-    return param_counts(_ffn_layer(dim, multiple_of, ffn_dim_multiplier))["feed_forward"]
-
-
-def check_ffn_params(fn) -> bool:
-    """fn(dim, multiple_of, ffn_dim_multiplier) -> the number of weights in one SwiGLU
-    feed-forward (w1, w2, w3; no biases), the hidden size by Meta's rule."""
-    return run_checks("ffn_params", fn, ffn_params, _FFN_CASES)
+                      _dialog_cases(), explain=_decoded_difference, mistakes=[
+        ("this builds the prompt as one string and encodes it: the control tokens' text became "
+         "ordinary text (the injection rule); add each special token's id itself",
+         lambda tok, d: _prompt_by_hand(tok, d, as_string=True)),
+        ("this leaves out the open assistant header at the end "
+         "(<|start_header_id|>assistant<|end_header_id|> and two newlines): the model would "
+         "have nothing to complete", lambda tok, d: _prompt_by_hand(tok, d, header=False)),
+        ("this closes the assistant header with <|eot_id|>: the prompt ends open, so that the "
+         "model writes the reply", lambda tok, d: _prompt_by_hand(tok, d, close=True)),
+        ("this keeps the spaces and newlines around a message's content; Meta strips them",
+         lambda tok, d: _prompt_by_hand(tok, d, strip=False))])
 
 
 # --- Chapter 05: generation, the top-p (nucleus) filter ------------------------------------
@@ -197,4 +204,26 @@ def check_top_p(fn) -> bool:
     for vocab, p in ((10, 0.3), (50, 0.9), (100, 0.95)):
         cases.append((torch.randn(vocab, generator=generator) * 2, p))
     cases.append((torch.randn(3, 20, generator=generator) * 2, 0.7))  # a batch: row by row
-    return run_checks("top_p", fn, top_p_filter, cases)
+    return run_checks("top_p", fn, top_p_filter, cases, mistakes=[
+        ("this keeps tokens while the running sum stays <= p, dropping the one that crosses "
+         "it; the nucleus is the smallest set that reaches p, so that token is kept",
+         lambda logits, p: _top_p_by_hand(logits, p, keep_crossing=False)),
+        ("this sums the probabilities in vocabulary order; sort them from the largest down "
+         "first (then put the answer back in vocabulary order)",
+         lambda logits, p: _top_p_by_hand(logits, p, sort=False)),
+        ("this returns probabilities; the filter returns the logits, unchanged in the nucleus "
+         "and -inf outside it", lambda logits, p: _top_p_by_hand(logits, p, probs=True))])
+
+
+def _top_p_by_hand(logits, p, keep_crossing=True, sort=True, probs=False):
+    """The nucleus filter written out, with the switches for the likely mistakes."""
+    order = logits.argsort(dim=-1, descending=True) if sort else \
+        torch.arange(logits.shape[-1]).expand_as(logits)
+    ranked = torch.softmax(logits.double(), -1).gather(-1, order)  # in the order summed
+    running = ranked.cumsum(-1)
+    keep = (running - ranked < p) if keep_crossing else (running <= p)
+    keep[..., 0] = True  # at least one token
+    keep = keep.scatter(-1, order, keep)  # back to vocabulary order
+    if probs:
+        return torch.softmax(logits.double(), -1).masked_fill(~keep, 0.0).float()
+    return logits.masked_fill(~keep, float("-inf"))
