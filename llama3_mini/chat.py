@@ -129,6 +129,9 @@ class Conversation:
         self.dropped, self.reply_ids, self.finish_reason = dropped, [], "length"
         seed = None if self.seed is None else self.seed + self._n_replies
         self._n_replies += 1
+        # generate.stream's loop, kept here because a conversation needs more than the text:
+        # the ids made and why it stopped. The same incremental UTF-8 decoder holds back the
+        # bytes of a character split across tokens until its last byte arrives.
         stops = {int(t) for t in self.tokenizer.stop_tokens}
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
