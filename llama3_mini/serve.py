@@ -28,6 +28,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chat import dialog_prompt_ids
 from .generate import generate_steps
 from .tokenizer import ChatFormat
 
@@ -152,20 +153,24 @@ def parse_request(body, chat_format: ChatFormat, max_seq_len: int, model_id: str
     options = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise APIError(400, "stream must be true or false, stream_options an object", "stream")
-    ids = chat_format.encode_dialog_prompt(dialog)
     max_tokens = _integer(body, "max_completion_tokens", 1)
     max_tokens = _integer(body, "max_tokens", 1) if max_tokens is None else max_tokens
-    room = max_seq_len - len(ids)
-    if room < 1 or (max_tokens is not None and max_tokens > room):
-        asked = f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} " \
-                f"in the completion)" if max_tokens else f"{len(ids)} tokens in the messages"
+    try:  # chat.py's prompt, as `llama3-mini chat` builds it; but here nothing is dropped
+        ids, n_dropped = dialog_prompt_ids(chat_format, dialog, max_seq_len, max_tokens or 1)
+    except ValueError:  # even the last message does not fit
+        n_dropped = None
+    if n_dropped != 0:
+        n = len(chat_format.encode_dialog_prompt(dialog))
+        asked = f"{n + max_tokens} tokens ({n} in the messages, {max_tokens} in the " \
+                f"completion)" if max_tokens else f"{n} tokens in the messages"
         raise APIError(400, f"This model's maximum context length is {max_seq_len} tokens. "
                             f"However, you requested {asked}. Please reduce the length of the "
                             "messages or of max_tokens.", "messages", "context_length_exceeded")
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-    return ChatRequest(ids, max_tokens or room, _number(body, "temperature", 1.0, 0.0, 2.0),
-                   None if top_p == 1.0 else top_p, stop, _integer(body, "seed"), stream,
-                   bool(options.get("include_usage")))
+    return ChatRequest(ids, max_tokens or max_seq_len - len(ids),
+                       _number(body, "temperature", 1.0, 0.0, 2.0),
+                       None if top_p == 1.0 else top_p, stop, _integer(body, "seed"), stream,
+                       bool(options.get("include_usage")))
 
 
 def _held_back(text: str, stops: list[str]) -> int:

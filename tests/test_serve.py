@@ -215,6 +215,9 @@ def test_a_prompt_longer_than_the_window_is_refused_not_trimmed(client, tiny):
         assert f"maximum context length is {MAX_SEQ_LEN} tokens" in e.value.message
         assert f"{n_ids} in the messages" in e.value.message or \
             f"{n_ids} tokens in the messages" in e.value.message
+    history = [*long[:1], {"role": "assistant", "content": "Yes."}, *ASK[1:]]
+    with pytest.raises(openai.BadRequestError, match="context length"):  # not the chat's trim
+        client.chat.completions.create(model="tiny", messages=history, max_tokens=4)
     fits = [{"role": "user", "content": "Lily played."}]  # fits alone, not with the budget
     n_fits = len(ChatFormat(tokenizer).encode_dialog_prompt(fits))
     with pytest.raises(openai.BadRequestError, match="context length"):
