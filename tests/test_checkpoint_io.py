@@ -214,31 +214,43 @@ def test_tokenizer_json_gives_the_ranks_of_metas_tokenizer_model():
     assert special["<|begin_of_text|>"] == 128000 and special["<|eot_id|>"] == 128009
 
 
-def test_merge_shards_checker_accepts_the_reference_and_rejects_plausible_mistakes(capsys):
+def _merge_with(dims: dict, norms_once: bool = True, reverse: bool = False):
+    """A learner's merge_shards that joins each kind of tensor along dims[kind]."""
+    def merge(shards):
+        out = {}
+        for name in shards[0]:
+            pieces = [s[name] for s in shards][::-1 if reverse else 1]
+            kind = name.split(".")[-2]
+            out[name] = pieces[0] if "norm" in kind and norms_once else \
+                torch.cat(pieces, dim=dims.get(kind, 0))
+        return out
+    return merge
+
+
+@pytest.mark.parametrize("dims,norms_once,reverse,message", [
+    ({"tok_embeddings": 1, "wo": 1, "w2": 1}, True, False,
+     "→ tok_embeddings joined along dim 1, as Llama 2's ParallelEmbedding was split"),
+    ({}, True, False, "→ attention.wo.weight joined along dim 0 like wq; wo and w2 are "
+     "row-parallel"),
+    ({"wo": 1, "w2": 1}, False, False,
+     "→ attention_norm.weight: 2 copies of a norm joined; norms are whole on every shard"),
+    ({"wq": 1, "wo": 1, "w2": 1}, True, False, "→ attention.wq.weight joined along dim 1; wq, "
+     "wk, wv, w1, w3 and output are column-parallel"),
+    ({"wo": 1, "w2": 1}, True, True, "→ tok_embeddings.weight: the pieces are in reverse order"),
+])
+def test_merge_shards_checker_names_each_likely_mistake(capsys, dims, norms_once, reverse,
+                                                         message):
     from llama3_mini.exercises import check_merge_shards
 
     assert check_merge_shards(hub.merge_meta_shards)
-    assert "✓ merge_shards" in capsys.readouterr().out
-
-    def all_rows(shards):  # every tensor joined along dim 0
-        return {k: torch.cat([s[k] for s in shards], 0) for k in shards[0]}
-
-    def row_parallel_as_rows(shards):  # wo and w2 joined like wq
-        out = hub.merge_meta_shards(shards)
-        for k in out:
-            if k.endswith(("wo.weight", "w2.weight")):
-                out[k] = torch.cat([s[k] for s in shards], 0)
-        return out
-
-    def norms_concatenated(shards):
-        return {k: (torch.cat([s[k] for s in shards], 0) if "norm" in k else v)
-                for k, v in hub.merge_meta_shards(shards).items()}
-
-    for fn, name in [(all_rows, "tok_embeddings.weight"), (row_parallel_as_rows, "wo.weight"),
-                     (norms_concatenated, "norm.weight")]:
-        assert not check_merge_shards(fn)
-        out = capsys.readouterr().out
-        assert "✗ merge_shards(<2 shard(s)" in out and name in out, out
+    assert "✓ merge_shards: right on all 3 cases" in capsys.readouterr().out
+    assert check_merge_shards(_merge_with({"wo": 1, "w2": 1}))  # the learner's right answer
+    capsys.readouterr()
+    assert not check_merge_shards(_merge_with(dims, norms_once, reverse))
+    out = capsys.readouterr().out
+    assert "✗ merge_shards(<2 shard(s) of 21 tensors>)" in out, out
+    assert message in out, out
+    assert sum(line.lstrip().startswith("→") for line in out.splitlines()) == 1, out
 
 
 @pytest.mark.parametrize("files", [("tokenizer.model",), ("original/tokenizer.model",),

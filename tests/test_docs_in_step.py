@@ -151,6 +151,10 @@ TEACHING = [
     ("09", "(131 GiB, two 80 GB GPUs; 66 GiB.)",
      [Near(r"Llama 3 70B +[\d.]+B +([\d.]+)", 131),
       Near(r"Llama 3 70B +[\d.]+B +[\d.]+ +([\d.]+)", 66)]),
+    ("09", "(One: its 128 rows of `wk`",
+     ["layers.0.attention.wk.weight     full (1024, 8192)    shard 0 of 8 (128, 8192)"]),
+    ("09", "It echoes the prompt's last token, id 271, two newlines",
+     ["16 tokens: [271, 271, ", "the prompt's last token: 271 '\\n\\n'"]),
     ("10", "`check_name_entropy`, 18 cases", ["name_entropy: right on all 18 cases"]),
     ("10", "within about 1% of the floor on names, places and other words and about 8% above "
      "it on story structure, but pays 5.6 bits per story on function words",
@@ -181,6 +185,8 @@ PUBLISHED = [
      ["Biderman et al. (2024)", "LoRA Learns Less and Forgets Less"]),
     ("08", "Meta chose 8 and trained on about 800B long-context tokens",
      ["about 800B tokens", "section 3.4.2"]),
+    ("09", "`VocabParallelEmbedding` (meta-llama/llama3, `llama/model.py` line 258)",
+     ["`VocabParallelEmbedding` (line 258)", "meta-llama/llama3, `llama/model.py`"]),
 ]
 
 

@@ -252,6 +252,7 @@ def _shard_cases():
     from ..hub import split_meta_shards
     from ..model import Transformer
 
+    # split_meta_shards cuts as fairscale's own parallel layers do (tests/test_meta_shards.py)
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=64,
                                   multiple_of=16, max_seq_len=16))
@@ -260,17 +261,41 @@ def _shard_cases():
 
 
 def _same_tensors(got, expected) -> bool:
+    return (isinstance(got, dict) and got.keys() == expected.keys()
+            and all(same(got[name], want) for name, want in expected.items()))
+
+
+def _merge_mistake(got, expected, case) -> list[str]:
+    """The first wrong tensor, and which likely mistake made it, in one line."""
+    from ..hub import shard_dim
+
+    shards = case[0]
     if not isinstance(got, dict) or got.keys() != expected.keys():
         missing = sorted(set(expected) - set(got)) if isinstance(got, dict) else "all"
-        print(f"  the tensor names differ: missing {missing}")
-        return False
-    for name, want in expected.items():
-        if not same(got[name], want):
-            shape = tuple(got[name].shape) if isinstance(got[name], torch.Tensor) else "?"
-            print(f"  {name}: got shape {shape}, expected {tuple(want.shape)} "
-                  "(or the same shape with the pieces in the wrong place)")
-            return False
-    return True
+        return [f"the tensor names differ: missing {missing}"]
+    name = next(k for k, want in expected.items() if not same(got[k], want))
+    pieces, dim = [s[name] for s in shards], shard_dim(name)
+    short = name.split(".", 2)[-1] if name.startswith("layers.") else name
+    if dim is None:
+        if same(got[name], torch.cat(pieces)):
+            return [f"→ {short}: {len(pieces)} copies of a norm joined; norms are whole on "
+                    "every shard, so take one: shards[0][name]"]
+    elif same(got[name], torch.cat(pieces, dim=1 - dim)):
+        if name == "tok_embeddings.weight":
+            return ["→ tok_embeddings joined along dim 1, as Llama 2's ParallelEmbedding was "
+                    "split; Llama 3's VocabParallelEmbedding splits the vocabulary (Meta's "
+                    "llama/model.py line 258): join along dim 0"]
+        if dim == 1:
+            return [f"→ {short} joined along dim 0 like wq; wo and w2 are row-parallel (each "
+                    "GPU holds some input columns, llama/model.py lines 121, 211): dim 1"]
+        return [f"→ {short} joined along dim 1; wq, wk, wv, w1, w3 and output are column-"
+                "parallel (each GPU makes some output rows): dim 0"]
+    elif same(got[name], torch.cat(pieces[::-1], dim=dim)):
+        return [f"→ {short}: the pieces are in reverse order; shard i (consolidated.0i.pth) "
+                "holds the i-th piece"]
+    shape = tuple(got[name].shape) if isinstance(got[name], torch.Tensor) else "?"
+    return [f"{name}: got shape {shape}, expected {tuple(expected[name].shape)} "
+            "(or the same shape with the pieces in the wrong place)"]
 
 
 def check_merge_shards(fn) -> bool:
@@ -279,7 +304,7 @@ def check_merge_shards(fn) -> bool:
     from ..hub import merge_meta_shards
 
     return run_checks("merge_shards", fn, merge_meta_shards, _shard_cases(),
-                      compare=_same_tensors)
+                      compare=_same_tensors, explain=_merge_mistake)
 
 
 # --- Chapter 10: the entropy of choices ----------------------------------------------------
