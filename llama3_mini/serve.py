@@ -89,13 +89,16 @@ def _number(body, name, default, low, high, low_open=False):
     return float(value)
 
 
-def _integer(body, name, low=None):
+def _integer(body, name, low=None, high=None):
+    """body[name] as an int in [low, high] (either bound None: open), else a 400."""
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        at_least = f" of at least {low}" if low is not None else ""
-        raise APIError(400, f"{name} must be an integer{at_least}, got {value!r}", name)
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            (low is not None and value < low) or (high is not None and value > high):
+        bounds = (f" of at least {low}" if high is None else f" from {low} to {high}") \
+            if low is not None else ""
+        raise APIError(400, f"{name} must be an integer{bounds}, got {value!r}", name)
     return value
 
 
@@ -169,8 +172,9 @@ def parse_request(body, chat_format: ChatFormat, max_seq_len: int, model_id: str
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
     return ChatRequest(ids, max_tokens or max_seq_len - len(ids),
                        _number(body, "temperature", 1.0, 0.0, 2.0),
-                       None if top_p == 1.0 else top_p, stop, _integer(body, "seed"), stream,
-                       bool(options.get("include_usage")))
+                       None if top_p == 1.0 else top_p, stop,
+                       _integer(body, "seed", -2**63, 2**63 - 1),  # torch's seeds are 64-bit
+                       stream, bool(options.get("include_usage")))
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -270,6 +274,11 @@ def create_app(model, tokenizer, model_id: str = "llama3-mini"):
     async def http_error(request, e: HTTPException):
         return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: "
                                      f"{e.detail}").body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        return JSONResponse(APIError(500, f"the server failed: {e!r}", type="server_error")
+                            .body(), status_code=500)
 
     @app.get("/v1/models")
     async def list_models():

@@ -186,6 +186,8 @@ def test_max_tokens_ends_with_finish_reason_length(client, tiny):
     (dict(messages=[{"role": "user"}]), "messages[0].content", "must be a string"),
     (dict(max_tokens=0), "max_tokens", "max_tokens must be an integer of at least 1"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop", "a list of at most 4"),
+    (dict(seed=2**70), "seed", "seed must be an integer from"),
+    (dict(stream="yes"), "stream", "stream must be true or false"),
     (dict(tools=[{"type": "function", "function": {"name": "f"}}]), "tools",
      "tools is not supported"),
 ])
