@@ -17,10 +17,20 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 
+def _rounded(t: torch.Tensor):
+    """t's values as nested lists, floats to 4 decimals: tensor([0.54030231]) -> [0.5403]."""
+    values = t.detach().tolist()
+
+    def walk(v):
+        return [walk(x) for x in v] if isinstance(v, list) else \
+            round(v, 4) if isinstance(v, float) else v
+    return walk(values)
+
+
 def _short(value: Any, limit: int = 160) -> str:
     if isinstance(value, torch.Tensor):
-        text = f"tensor(shape={tuple(value.shape)}, {value.flatten()[:8].tolist()}...)" \
-            if value.numel() > 8 else f"tensor({value.tolist()})"
+        text = f"tensor(shape={tuple(value.shape)}, {_rounded(value.flatten()[:8])}...)" \
+            if value.numel() > 8 else f"tensor({_rounded(value)})"
     elif isinstance(value, torch.nn.Module):  # a model prints as its name and size
         text = f"<{type(value).__name__}, {sum(p.numel() for p in value.parameters()):,} weights>"
     else:
