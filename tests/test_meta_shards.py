@@ -11,7 +11,6 @@ saves its state dict as Meta's folders do. `hub.load_meta` must merge them into 
 weights were split, logit for logit.
 """
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -137,7 +136,6 @@ def fairscale_shards(model: Transformer, world_size: int, folder: Path) -> Path:
 def _one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # forked ranks must not inherit a busy OpenMP pool
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(threads)
 
