@@ -90,7 +90,9 @@ def tiny(tmp_path_factory):
 def client(tiny):
     _, model, tokenizer = tiny
     with running(create_app(model, tokenizer, "tiny")) as base_url:
-        yield openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+        with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0,
+                           timeout=60) as client:
+            yield client
 
 
 def reference(model, tokenizer, messages, max_tokens, **options):
@@ -266,13 +268,14 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker(client, tiny, monkeypa
     _, model, tokenizer = tiny
     steps, short = [], [{"role": "user", "content": "Lily"}]
 
+    generate_steps = serve_module.generate_steps
+
     def slow_steps(*args, **kwargs):  # generate_steps at 20 ms a token, counted
-        for step in serve_module.generate_steps.__wrapped__(*args, **kwargs):
+        for step in generate_steps(*args, **kwargs):
             steps.append(1)
             time.sleep(0.02)
             yield step
 
-    slow_steps.__wrapped__ = serve_module.generate_steps
     monkeypatch.setattr(serve_module, "generate_steps", slow_steps)
     stream = client.chat.completions.create(model="tiny", messages=short, temperature=0,
                                             max_tokens=100, stream=True, stop="never in it")
@@ -293,9 +296,10 @@ def test_the_shipped_qa_model_answers_through_the_openai_client():
     example = make_qa(1, seed=123)[0]
     text, _, _ = reference(model, tokenizer, example.dialog(), 20)
     with running(create_app(model, tokenizer, "qa-full")) as base_url:
-        c = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
-        r = c.chat.completions.create(model="qa-full", messages=example.dialog(),
-                                      temperature=0, max_tokens=20)
+        with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0,
+                           timeout=60) as c:
+            r = c.chat.completions.create(model="qa-full", messages=example.dialog(),
+                                          temperature=0, max_tokens=20)
     assert r.choices[0].message.content == text == example.answer
     assert r.choices[0].finish_reason == "stop"  # it closed its turn with <|eot_id|>
 
