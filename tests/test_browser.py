@@ -76,7 +76,7 @@ def type_into_readout(page, control, value) -> None:
 def test_rope_explorer(notebook):
     from playwright.sync_api import expect
 
-    page = notebook("02_rmsnorm_and_rope.ipynb", "✓ rope_rotate: right on all")
+    page = notebook("02_rmsnorm_and_rope.ipynb", "✓ rope_scores: right on all")
     w = page.locator(".l3m-rope-explorer")
     w.scroll_into_view_if_needed()
     readout, src = w.locator(".l3m-readout"), w.locator(".l3m-figure").get_attribute("src")

@@ -92,7 +92,10 @@ TEACHING = [
     ("01b", "about twice as many for Chinese, Japanese and Korean",
      [Near(r"'Chinese/Japanese/Korean': '\+(\d+)% bytes per token", 100, -1)]),
     ("01b", "about 0.79B more parameters", ["cost: 0.79 B more parameters in an 8B model"]),
-    ("02", "7 cases: several head sizes", ["rope_rotate: right on all 7 cases"]),
+    ("02", "(`check_rope_scores`, 8 cases", ["rope_scores: right on all 8 cases"]),
+    ("02", "a vector's score with itself falls below half at 46 tokens with theta 10,000, at "
+     "166 with 500,000, and with 500,000 never drops below 0.17",
+     ["below 0.5 from offset 46;", "below 0.5 from offset 166;", "lowest 0.17"]),
     ("02", "29 rotate more slowly than an 8K context instead of 14, and 15 are still slower "
      "than 128K",
      ["pairs longer than 8K: 14", "pairs longer than 8K: 29, longer than 128K: 15"]),
@@ -100,7 +103,7 @@ TEACHING = [
     ("03", "(128 KiB against 512 KiB in bfloat16: 1 GiB against 4 GiB at 8K tokens.)",
      ["512 KiB  4.00 GiB", "128 KiB  1.00 GiB"]),
     ("04", "(14,336 for 8B)", ["rounded up to a multiple of 1024 -> 14336"]),
-    ("04", "(`check_ffn_params`, 9 cases", ["ffn_params: right on all 9 cases"]),
+    ("04", "(`check_fused_swiglu`, 5 cases", ["fused_swiglu: right on all 5 cases"]),
     ("04", "1.31 for 8B, 1.50 for Llama 3.2 1B",
      ["llama3-8b: 176,160,768 weights per feed-forward, 1.31 x",
       "llama3.2-1b: 50,331,648 weights per feed-forward, 1.50 x"]),
@@ -194,6 +197,24 @@ PUBLISHED = [
 # (tagged nbval-ignore-output, so nbval does not compare them): re-executing the notebook
 # changes them, and this names the sentence to update.
 NOTEBOOK_PROSE = [
+    ("01a", "the first 256 merges take a token from 1 byte to about 2, the last 4,096 only from "
+     "about 3.2 to 3.6 (prose) and 3.3 to 3.6 (code)",
+     [Near(r"English prose +256: 1.00 +512: ([\d.]+)", 2), Near(r"Python code +256: 1.00 +512: "
+      r"([\d.]+)", 2), Near(r"English prose .*4,096: ([\d.]+)", 3.2, 1),
+      Near(r"English prose .*8,192: ([\d.]+)", 3.6, 1),
+      Near(r"Python code .*4,096: ([\d.]+)", 3.3, 1),
+      Near(r"Python code .*8,192: ([\d.]+)", 3.6, 1)]),
+    ("01a", "about 1.08 bytes per token at 8,192 ranks",
+     [Near(r"Chinese/Japanese/Korean .*8,192: ([\d.]+)", 1.08, 2)]),
+    ("02", "With theta 10,000 the score falls below half at 46 tokens and beyond 1,000 it "
+     "hovers near 0.09", ["below 0.5 from offset 46; mean over offsets 1,000 to 4,000: 0.09"]),
+    ("02", "with 500,000 it stays above half to 166 tokens and never drops below 0.17",
+     ["below 0.5 from offset 166;", "lowest 0.17"]),
+    ("03", "scores it 0.66, as if it copied: in 21 of those 30 stories",
+     ["30 queries before the hero's second mention (in 21 the first",
+      "layer 3, head 2 scores 0.66"]),
+    ("04", "(its lowest value, about −0.28, is at z ≈ −1.28)",
+     ["SiLU is lowest at z = -1.28: -0.278"]),
     ("07a", "(11.5 and 11.4 s against 12.0 s for full fine-tuning",
      [Near(r"LoRA r=2 +[\d,]+ +[\d.]+% +([\d.]+)", 11.5, 1),
       Near(r"LoRA r=16 +[\d,]+ +[\d.]+% +([\d.]+)", 11.4, 1),
