@@ -11,6 +11,8 @@
   chapter 07;
 - assets/qa-mix-0/ and assets/qa-mix-25/: the story model trained on with 0% and 25% of its
   documents question-answer dialogs (make_qa_finetunes.py, `mixture`, two minutes); chapter 10;
+- assets/lora-token-rows/: qa-lora's recipe with the output rows of the reply tokens the
+  stories never contain trainable too (make_token_rows.py, three to five minutes); chapter 07b;
 - assets/long-recall/: the story model stretched to 2,048 positions and fine-tuned to carry a
   name far (make_long_recall.py, two minutes); chapter 08.
 
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import make_long_recall  # noqa: E402  (beside this file)
 import make_pretraining_lengths  # noqa: E402
 import make_qa_finetunes  # noqa: E402
+import make_token_rows  # noqa: E402
 
 from llama3_mini.checkpoint import load_model, save_model  # noqa: E402
 from llama3_mini.config import get_preset, num_params  # noqa: E402
@@ -134,7 +137,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(ROOT / "assets" / "story-model"))
     parser.add_argument("--samples", type=int, default=40, help="samples to score")
     parser.add_argument("--only", choices=["story-model", "byte-model", "qa-finetunes",
-                                           "pretraining-lengths", "long-recall"],
+                                           "pretraining-lengths", "long-recall",
+                                           "lora-token-rows"],
                         help="remake only this asset (default: both)")
     args = parser.parse_args(argv)
     if args.only != "story-model":
@@ -148,6 +152,8 @@ def main(argv=None) -> None:
         return make_pretraining_lengths.main(args.threads)
     if args.only == "long-recall":
         return make_long_recall.main(args.threads)
+    if args.only == "lora-token-rows":
+        return make_token_rows.main(args.threads)
     torch.set_num_threads(args.threads)  # the same arithmetic, so the same weights
     torch.manual_seed(0)
     work = Path(args.out).with_name(".make-assets")
@@ -196,6 +202,7 @@ def main(argv=None) -> None:
                      indent=1))
     make_qa_finetunes.main(args.threads)  # they start from the story model just made
     make_qa_finetunes.mixture(args.threads)
+    make_token_rows.main(args.threads)
     make_pretraining_lengths.main(args.threads)  # with its tokenizer
     make_long_recall.main(args.threads)
 

@@ -120,6 +120,64 @@ def add_lora(model: nn.Module, targets=("wq", "wv"), rank: int = 8, alpha: float
     return model
 
 
+class TokenRows(nn.Module):
+    """A frozen embedding (vocab, dim) or output layer (dim -> vocab) whose rows for a few
+    token ids get a trainable change `lora_rows` (len(ids), dim), starting at zero: what
+    adapters alone cannot reach when the fine-tuning data uses tokens the base model never
+    learned (Hugging Face PEFT's Trainable Tokens does this for embeddings). The rest stays
+    frozen.
+
+    Output, ids [5, 9]: logits[..., 5] += h @ lora_rows[0], logits[..., 9] += h @ lora_rows[1].
+    Embedding, ids [5, 9]: a token 9 reads weight[9] + lora_rows[1]; a token 3 reads weight[3]."""
+
+    def __init__(self, base: nn.Module, ids):
+        super().__init__()
+        if not isinstance(base, (nn.Embedding, nn.Linear)):
+            raise TypeError(f"TokenRows wraps nn.Embedding or nn.Linear, not {type(base).__name__}")
+        vocab, dim = base.weight.shape  # both store (vocab, dim)
+        ids = sorted(set(int(i) for i in ids))
+        if not ids or ids[0] < 0 or ids[-1] >= vocab:
+            raise ValueError(f"token ids must be a non-empty set in [0, {vocab}), got {ids}")
+        self.base = base
+        base.weight.requires_grad_(False)
+        w = base.weight
+        self.register_buffer("ids", torch.tensor(ids, device=w.device), persistent=False)
+        # slot[t]: 1 + the row of token t in lora_rows, 0 for a token left frozen
+        slot = torch.zeros(vocab, dtype=torch.long, device=w.device)
+        slot[self.ids] = torch.arange(1, len(ids) + 1, device=w.device)
+        self.register_buffer("slot", slot, persistent=False)
+        self.lora_rows = nn.Parameter(torch.zeros(len(ids), dim, device=w.device, dtype=w.dtype))
+
+    def delta_weight(self) -> torch.Tensor:
+        """The change to the full weight (vocab, dim): lora_rows on the chosen rows, else 0."""
+        return torch.zeros_like(self.base.weight).index_copy(0, self.ids, self.lora_rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.base, nn.Embedding):  # x: token ids (...,) -> (..., dim)
+            rows = torch.cat([self.lora_rows.new_zeros(1, self.lora_rows.shape[1]),
+                              self.lora_rows])  # row 0: no change
+            return self.base(x) + rows[self.slot[x]]
+        # x: hidden states (..., dim) -> logits (..., vocab), the chosen columns changed
+        return self.base(x).index_add(-1, self.ids, x @ self.lora_rows.T)
+
+
+def train_token_rows(model: nn.Module, ids, modules=("tok_embeddings", "output")) -> nn.Module:
+    """Make the rows of `ids` trainable in the model's input embedding and/or output layer
+    (Meta's names), the rest of both frozen; call after `add_lora`. With tied embeddings the
+    two are one weight: only `output` may be named. Changes the model in place, returns it."""
+    if getattr(getattr(model, "params", None), "tie_word_embeddings", False) and \
+            "tok_embeddings" in modules:
+        raise ValueError("the model ties its embeddings to its output: train the rows of "
+                         "modules=('output',) only")
+    for name in modules:
+        child = getattr(model, name, None)
+        if not isinstance(child, (nn.Embedding, nn.Linear)):
+            raise ValueError(f"no embedding or output layer named {name!r}: use "
+                             "'tok_embeddings' and/or 'output'")
+        setattr(model, name, TokenRows(child, ids))
+    return model
+
+
 def merge_lora(model: nn.Module, keep_original: bool = True) -> nn.Module:
     for layer in lora_layers(model).values():
         layer.merge(keep_original)
@@ -134,8 +192,9 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     """Put the plain linear layers back (with the update merged in when merge=True), so the
-    model has its original parameter names again (to save it, or convert it). Every
-    parameter becomes trainable again."""
+    model has its original parameter names again (to save it, or convert it). Trainable token
+    rows (`train_token_rows`) are added into their weights either way. Every parameter becomes
+    trainable again."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
@@ -144,13 +203,18 @@ def remove_lora(model: nn.Module, merge: bool = True) -> nn.Module:
                 elif child.merged:
                     child.unmerge()
                 setattr(parent, name, child.base)
+            elif isinstance(child, TokenRows):  # the changed rows go into the weight
+                with torch.no_grad():
+                    child.base.weight += child.delta_weight().to(child.base.weight.dtype)
+                setattr(parent, name, child.base)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters alone: what a LoRA fine-tune needs to save (a few hundred KB here)."""
+    """The adapters alone (and any trainable token rows): what a LoRA fine-tune needs to save
+    (a few hundred KB here)."""
     return {k: v for k, v in model.state_dict().items() if "lora_" in k}
 
 

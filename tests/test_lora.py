@@ -13,6 +13,7 @@ from llama3_mini.lora import (
     lora_state_dict,
     merge_lora,
     remove_lora,
+    train_token_rows,
     trainable_parameters,
     unmerge_lora,
 )
@@ -156,3 +157,53 @@ def test_bad_requests_say_what_to_do():
         add_lora(model)
     with pytest.raises(ValueError, match="no linear layer named wq"):
         add_lora(torch.nn.Sequential(torch.nn.ReLU()), targets=("wq",))
+
+
+ROWS = [3, 40, 96]  # token ids whose embedding and output rows train
+
+
+def test_token_rows_start_as_the_base_and_get_the_plain_models_row_gradients():
+    """The reference is autograd on the unwrapped model: the gradient of each trainable row
+    equals that row of the full weight's gradient, for the embedding and the output."""
+    plain = tiny()
+    model = train_token_rows(add_lora(tiny(), targets=("wq",), rank=2), ROWS)
+    tokens = torch.tensor([[3, 5, 40, 96, 3, 7, 40, 1]])
+    loss = [F.cross_entropy(m(tokens[:, :-1]).flatten(0, 1), tokens[0, 1:]) for m in (plain, model)]
+    torch.testing.assert_close(loss[1], loss[0], atol=0, rtol=0)  # zero rows change nothing
+    for t in loss:
+        t.backward()
+    for name in ("tok_embeddings", "output"):
+        full_grad = getattr(plain, name).weight.grad
+        torch.testing.assert_close(getattr(model, name).lora_rows.grad, full_grad[ROWS])
+        assert getattr(model, name).base.weight.grad is None  # the rest stays frozen
+
+
+def test_token_rows_change_only_their_rows_and_merge_back():
+    model = train_token_rows(add_lora(tiny(), targets=("wv",), rank=2), ROWS)
+    trainable, _ = trainable_parameters(model)
+    assert trainable == ARGS.n_layers * 2 * (32 + ARGS.kv_heads * ARGS.head_dim) + 2 * 3 * 32
+    assert {k for k in lora_state_dict(model) if "rows" in k} == {
+        "tok_embeddings.lora_rows", "output.lora_rows"}
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.output.lora_rows.normal_()
+        model.tok_embeddings.lora_rows.normal_()
+    tokens = torch.tensor([[3, 5, 40, 96, 2, 7]])
+    with torch.no_grad():
+        adapted = model(tokens)
+    plain = remove_lora(model)
+    base = tiny()
+    changed = (plain.output.weight != base.output.weight).any(dim=1).nonzero().flatten()
+    assert changed.tolist() == ROWS  # only the chosen rows moved
+    fresh = tiny(seed=5)
+    fresh.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(fresh(tokens), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_token_rows_bad_requests_say_what_to_do():
+    with pytest.raises(ValueError, match=r"token ids must be a non-empty set in \[0, 97\)"):
+        train_token_rows(tiny(), [97])
+    with pytest.raises(ValueError, match="no embedding or output layer named 'lm_head'"):
+        train_token_rows(tiny(), [1], modules=("lm_head",))
+    with pytest.raises(ValueError, match="ties its embeddings to its output"):
+        train_token_rows(tiny(tie_word_embeddings=True), [1])
