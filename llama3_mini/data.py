@@ -122,31 +122,49 @@ def token_bytes(tokenizer) -> torch.Tensor:
     return torch.tensor(lengths, dtype=torch.float32)
 
 
-def pack_documents(encoded: list[np.ndarray], seq_len: int, pad_id: int = -100) -> torch.Tensor:
+def pack_documents(encoded: list[np.ndarray], seq_len: int, pad_id: int = -100,
+                   doc_ids: bool = False):
     """Whole documents packed greedily into rows of seq_len + 1 tokens (a document longer
     than a row is cut into pieces); the rest of a row is pad_id. For evaluation, so that
-    every token is predicted once, with its document's start in view: (rows, seq_len + 1)."""
-    rows, row = [], []
-    for doc in encoded:
+    every token is predicted once, with its document's start in view: (rows, seq_len + 1).
+    doc_ids=True returns (rows, ids) with ids (rows, seq_len + 1) the index of each token's
+    document (pads -1), for the document mask: ([[1, 2], [3]], 3) -> [[0, 0, 1, -1]]."""
+    rows, row, ids, row_ids = [], [], [], []
+
+    def close(row, row_ids):
+        rows.append(row + [pad_id] * (seq_len + 1 - len(row)))
+        ids.append(row_ids + [-1] * (seq_len + 1 - len(row_ids)))
+
+    for d, doc in enumerate(encoded):
         doc = doc.tolist()
         if row and len(row) + len(doc) > seq_len + 1:
-            rows.append(row + [pad_id] * (seq_len + 1 - len(row)))
-            row = []
+            close(row, row_ids)
+            row, row_ids = [], []
         while len(doc) > seq_len + 1:
-            rows.append(doc[:seq_len + 1])
+            close(doc[:seq_len + 1], [d] * (seq_len + 1))
             doc = doc[seq_len:]  # the piece's last token is the next piece's first input
-        row += doc
+        row, row_ids = row + doc, row_ids + [d] * len(doc)
     if row:
-        rows.append(row + [pad_id] * (seq_len + 1 - len(row)))
-    return torch.tensor(rows, dtype=torch.long)
+        close(row, row_ids)
+    rows = torch.tensor(rows, dtype=torch.long)
+    return (rows, torch.tensor(ids, dtype=torch.long)) if doc_ids else rows
+
+
+def document_starts(encoded: list[np.ndarray]) -> np.ndarray:
+    """Where each document starts in the stream that concatenates them (write_token_file's,
+    prepare_data's): [[1, 2], [3], [4, 5, 6]] -> [0, 2, 3]. The document mask's boundaries."""
+    return np.cumsum([0] + [len(doc) for doc in encoded[:-1]], dtype=np.int64)
 
 
 def batch_at(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int = 0,
-             rank: int = 0, world_size: int = 1):
+             rank: int = 0, world_size: int = 1, doc_starts: np.ndarray | None = None):
     """The training batch of one step: batch_size windows of seq_len + 1 tokens at random
     offsets in the packed token stream, decided by (seed, step) alone, so that a resumed run
     sees the same batches. Under torchrun each rank takes its share of the global batch.
-    Returns inputs and targets, each (batch_size // world_size, seq_len), int64."""
+    Returns inputs and targets, each (batch_size // world_size, seq_len), int64. With
+    doc_starts (document_starts of the stream) it returns the inputs' document ids too, the
+    same shape, numbered from 0 in each window: documents starting at [0, 3] and a window
+    over stream positions 2 to 5 -> [0, 1, 1, 1]."""
     if batch_size % world_size:
         raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of "
                          f"processes ({world_size})")
@@ -159,7 +177,11 @@ def batch_at(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed:
     starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)[rank::world_size]
     rows = np.stack([np.asarray(tokens[s: s + seq_len + 1], dtype=np.int64) for s in starts])
     rows = torch.from_numpy(rows)  # (batch_size // world_size, seq_len + 1)
-    return rows[:, :-1], rows[:, 1:]
+    if doc_starts is None:
+        return rows[:, :-1], rows[:, 1:]
+    # the document of stream position p: how many documents start at or before p, less one
+    ids = np.searchsorted(doc_starts, starts[:, None] + np.arange(seq_len), side="right")
+    return rows[:, :-1], rows[:, 1:], torch.from_numpy(ids - ids[:, :1])  # (b, seq_len)
 
 
 @dataclass
@@ -170,6 +192,8 @@ class TokenData:
     val_rows: torch.Tensor  # (rows, seq_len + 1) whole validation documents, pad -100
     token_bytes: torch.Tensor  # (n_words,) UTF-8 bytes of each token id
     floor: float | None = None  # the validation set's entropy in bits per byte, if known
+    doc_starts: np.ndarray | None = None  # where each training document starts in `train`
+    val_doc_ids: torch.Tensor | None = None  # (rows, seq_len + 1) val_rows' documents, pad -1
 
 
 def prepare_data(docs: list[str], tokenizer, seq_len: int, val_fraction: float = 0.05,
@@ -179,7 +203,9 @@ def prepare_data(docs: list[str], tokenizer, seq_len: int, val_fraction: float =
     train, val = (encode_documents(part, tokenizer, progress)
                   for part in split_documents(docs, val_fraction))
     stream = write_token_file(train, token_file) if token_file else np.concatenate(train)
-    return TokenData(stream, pack_documents(val, seq_len), token_bytes(tokenizer), floor)
+    val_rows, val_doc_ids = pack_documents(val, seq_len, doc_ids=True)
+    return TokenData(stream, val_rows, token_bytes(tokenizer), floor,
+                     document_starts(train), val_doc_ids)
 
 
 def story_data(tokenizer, n_stories: int = 4000, seq_len: int = 256, seed: int = 0,

@@ -50,6 +50,25 @@ def causal_mask(seqlen: int, start_pos: int = 0, device=None) -> torch.Tensor:
     return torch.hstack([torch.zeros((seqlen, start_pos), device=device), mask])
 
 
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Additive mask (batch, 1, seq, seq) for documents packed into one window: a token sees
+    the tokens before it in its own document and nothing of any other. doc_ids: (batch, seq),
+    the document each token belongs to (equal ids, one document).
+    document_mask(torch.tensor([[0, 0, 1]])) ->
+    [[[[0, -inf, -inf], [0, 0, -inf], [-inf, -inf, 0]]]]: the third token starts a new
+    document and sees itself alone."""
+    # Row i is the query at position i, column j the key at j. The masked entries are (i, j)
+    # with j > i (its future, as in causal_mask) or doc_ids[i] != doc_ids[j] (another
+    # document): what is left is one causal triangle per document along the diagonal. The 1
+    # broadcasts over the heads. Positions run on across documents: RoPE's score depends on
+    # i - j alone, so inside a triangle it is the score of the document run alone from 0.
+    seqlen = doc_ids.shape[-1]
+    past = torch.ones(seqlen, seqlen, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (batch, seq, seq)
+    mask = torch.zeros(same_doc.shape, device=doc_ids.device)
+    return mask.masked_fill(~(past & same_doc), float("-inf"))[:, None]  # (batch, 1, seq, seq)
+
+
 def attention(q, k, v, mask=None):
     """Scaled dot-product attention written out. q: (batch, heads, seq, head_dim); k, v:
     (batch, heads, total, head_dim); mask broadcasts to (batch, heads, seq, total).
@@ -160,22 +179,34 @@ class Transformer(nn.Module):
             layer.attention.fused = enabled
         return self
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache=None, mask=None):
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache=None, mask=None,
+                doc_ids: torch.Tensor | None = None):
         """tokens: (batch, seq) -> logits (batch, seq, vocab_size), float32.
 
         start_pos: position of tokens[:, 0]; cache: per-layer caches (cache[i].update);
         mask: an additive mask broadcastable to (batch, heads, seq, start_pos + seq), by
-        default causal."""
+        default causal. doc_ids (batch, seq): the document of each token of a packed window
+        (data.batch_at gives them); attention then stays inside each document
+        (`document_mask`), as Llama 3 trained. For training windows: no cache, start_pos 0."""
         bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.params.max_seq_len:
             raise ValueError(f"sequence of {start_pos + seqlen} positions (start_pos {start_pos} "
                              f"+ {seqlen} tokens) is longer than max_seq_len "
                              f"({self.params.max_seq_len})")
+        if doc_ids is not None:
+            if mask is not None or cache is not None or start_pos:
+                raise ValueError("doc_ids makes the mask of a whole packed window: give no "
+                                 "mask, no cache and start_pos 0 with it (generation needs none)")
+            if doc_ids.shape != tokens.shape:
+                raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must have the shape of "
+                                 f"tokens {tuple(tokens.shape)}: one document id per token")
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         if self.freqs_cis.device != h.device:
             self.freqs_cis = self.freqs_cis.to(h.device)
         freqs_cis = self.freqs_cis[start_pos: start_pos + seqlen]
-        if mask is None and seqlen > 1:  # one query (a decode step) may see every key so far
+        if doc_ids is not None:
+            mask = document_mask(doc_ids.to(h.device)).to(h.dtype)
+        elif mask is None and seqlen > 1:  # one query (a decode step) may see every key so far
             mask = causal_mask(seqlen, start_pos, device=h.device).to(h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs_cis, mask, None if cache is None else cache[i], start_pos)

@@ -53,6 +53,12 @@ class TrainConfig:
     bf16: bool = False  # autocast matrix products to bfloat16 (CPU or GPU)
     fast_attention: bool = True  # scaled_dot_product_attention, else the explicit path
     max_minutes: float | None = None  # a time budget: the schedule is laid over it
+    # Llama 3's document mask ("The Llama 3 Herd of Models", section 3.2): attention stays
+    # inside each packed document, in training and evaluation (model.document_mask). Off by
+    # default: Meta found it of limited impact in standard pre-training, and off keeps every
+    # model and stored output of the course as it was. Needs TokenData.doc_starts and
+    # val_doc_ids (prepare_data and story_data make them).
+    document_mask: bool = False
 
 
 def lr_at(step: int, max_lr: float, warmup_steps: int, total_steps: int,
@@ -111,17 +117,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 @torch.no_grad()
 def evaluate_bpb(model, rows: torch.Tensor, token_bytes: torch.Tensor, batch_size: int = 16,
-                 bf16: bool = False, device=None) -> dict:
+                 bf16: bool = False, device=None, doc_ids: torch.Tensor | None = None) -> dict:
     """Bits per byte of whole documents: the summed loss of every predicted token, in bits,
-    over the UTF-8 bytes those tokens stand for. rows: (n, seq_len + 1), pad -100."""
+    over the UTF-8 bytes those tokens stand for. rows: (n, seq_len + 1), pad -100. doc_ids
+    (n, seq_len + 1), the rows' documents: each document then sees none of the others."""
     device = model_device(model, device)  # the model's own; a device given must name it
     nll, n_bytes, n_tokens = 0.0, 0.0, 0
+    ids = rows.new_zeros(rows.shape) if doc_ids is None else doc_ids
     with evaluating(model):
-        for chunk in rows.split(batch_size):
+        for chunk, chunk_ids in zip(rows.split(batch_size), ids.split(batch_size), strict=True):
             chunk = chunk.to(device)
             inputs, targets = chunk[:, :-1].clamp(min=0), chunk[:, 1:]  # pads only follow a row
+            masked = None if doc_ids is None else chunk_ids[:, :-1].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(inputs)  # (batch, seq_len, vocab_size)
+                logits = model(inputs) if masked is None else model(inputs, doc_ids=masked)
             nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
                                    reduction="sum").item()
             real = targets[targets >= 0]
@@ -174,6 +183,9 @@ class Trainer:
         if cfg.batch_size % self.world or per_rank % cfg.grad_accum:
             raise ValueError(f"batch_size ({cfg.batch_size}) must split evenly over "
                              f"{self.world} processes x grad_accum ({cfg.grad_accum})")
+        if cfg.document_mask and (data.doc_starts is None or data.val_doc_ids is None):
+            raise ValueError("document_mask needs the documents' bounds: TokenData.doc_starts "
+                             "and val_doc_ids, as prepare_data and story_data make them")
         self.cfg, self.data, self.device = cfg, data, device
         self.model = model.to(device).set_fast_attention(cfg.fast_attention)
         self.model.train()
@@ -234,11 +246,13 @@ class Trainer:
         self.lr = self.learning_rate()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        inputs, targets = batch_at(self.data.train, self.step, cfg.batch_size, cfg.seq_len,
-                                   cfg.seed, self.rank, self.world)
+        starts = self.data.doc_starts if cfg.document_mask else None
+        inputs, targets, *doc_ids = batch_at(self.data.train, self.step, cfg.batch_size,
+                                             cfg.seq_len, cfg.seed, self.rank, self.world, starts)
         inputs, targets = inputs.to(self.device), targets.to(self.device)
         n_bytes = self.data.token_bytes.to(self.device)[targets].sum()  # bytes of this share
-        loss = self._all_processes(self._backward(inputs, targets), mean=True)
+        doc_ids = doc_ids[0].to(self.device) if doc_ids else None
+        loss = self._all_processes(self._backward(inputs, targets, doc_ids), mean=True)
         n_bytes = self._all_processes(n_bytes)
         self._stop_if_not_finite(loss)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
@@ -251,18 +265,20 @@ class Trainer:
                    "bpb": loss / math.log(2) / max(bytes_per_token, 1e-9)})  # train bits/byte
         return loss
 
-    def _backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _backward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                  doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward over cfg.grad_accum micro-batches, the gradients summed (DDP
-        averages them over the processes at the last one only: no_sync before it). Returns
-        this process's mean loss, a tensor."""
+        averages them over the processes at the last one only: no_sync before it). doc_ids:
+        the document mask's, or None. Returns this process's mean loss, a tensor."""
         cfg = self.cfg
         total = torch.zeros((), device=self.device)
-        micro = zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum), strict=True)
-        for i, (x, y) in enumerate(micro):
+        ids = [None] * cfg.grad_accum if doc_ids is None else doc_ids.chunk(cfg.grad_accum)
+        micro = zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum), ids, strict=True)
+        for i, (x, y, d) in enumerate(micro):
             last = i == cfg.grad_accum - 1
             sync = self.net.no_sync() if self.world > 1 and not last else nullcontext()
             with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = self.net(x)  # (micro_batch, seq_len, vocab_size)
+                logits = self.net(x) if d is None else self.net(x, doc_ids=d)  # (b, seq, vocab)
                 loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
@@ -321,7 +337,8 @@ class Trainer:
 
     def evaluate(self) -> dict:
         return evaluate_bpb(self.model, self.data.val_rows, self.data.token_bytes,
-                            bf16=self.cfg.bf16)
+                            bf16=self.cfg.bf16,
+                            doc_ids=self.data.val_doc_ids if self.cfg.document_mask else None)
 
     def _log(self, row: dict) -> None:
         row = {**row, "tokens": self.tokens_seen, "seconds": round(self.seconds, 3)}
