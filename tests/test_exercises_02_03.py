@@ -143,3 +143,5 @@ def test_rope_rotate_checker_names_its_mistakes(capsys):
     assert "→ this pairs dimension i with i + head_dim/2" in capsys.readouterr().out
     assert not check_rope_rotate(lambda x, p, t: rope_by_hand(x, p, t, sign=-1))
     assert "→ this turns the wrong way" in capsys.readouterr().out
+    assert not check_rope_rotate(lambda x, p, t: rope_by_hand(x, p, t, exponent=1))
+    assert "→ this uses the frequency theta ** (-i / head_dim)" in capsys.readouterr().out

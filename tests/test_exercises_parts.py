@@ -66,8 +66,8 @@ def test_dialog_prompt_rejects_unstripped_content_on_the_padded_message(capsys):
 
 
 # ------------------------------------------------------ 06b: bits per byte on any text
-def bpb_by_hand(model, tok, text, per="byte", log=math.log2, shift=True):
-    ids = tok.encode(text, bos=True)
+def bpb_by_hand(model, tok, text, per="byte", log=math.log2, shift=True, bos=True):
+    ids = tok.encode(text, bos=bos)
     with torch.no_grad():
         probs = torch.softmax(model(torch.tensor([ids[:-1]])).double()[0], dim=-1)
     targets = ids[1:] if shift else ids[:-1]
@@ -100,6 +100,8 @@ def test_text_bpb_rejects_nats_and_a_missing_shift(capsys):
     assert not check_text_bits_per_byte(lambda m, t, x: bpb_by_hand(m, t, x, shift=False))
     assert "→ this scores each position's own token, <|begin_of_text|> included" in \
         capsys.readouterr().out
+    assert not check_text_bits_per_byte(lambda m, t, x: bpb_by_hand(m, t, x, bos=False))
+    assert "→ this encodes without <|begin_of_text|>" in capsys.readouterr().out
 
 
 # ------------------------------------------------ 07b: what LoRA trains, from the shapes
