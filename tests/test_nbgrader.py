@@ -118,11 +118,22 @@ def test_nbgrader_releases_stubs_and_autogrades_the_course(tmp_path):
         assert release.cells[j].source == original.cells[j].source  # the check, locked
         assert release.cells[j].metadata.get("editable") is False
 
-    for student, handed_in in (("solver", path),
+    wrong = nbformat.read(path, as_version=4)  # an answer that runs and is wrong
+    for i, _ in grading.exercises(wrong):
+        wrong.cells[i].source = f"def {grading._function_name(wrong.cells[i].source)}(*args):\n" \
+            "    return 0\n"
+    nbformat.write(wrong, tmp_path / path.name)
+    for student, handed_in in (("solver", path), ("wrong", tmp_path / path.name),
                                ("blank", course / "release" / assignment / path.name)):
         (course / "submitted" / student / assignment).mkdir(parents=True)
         shutil.copy(handed_in, course / "submitted" / student / assignment / path.name)
     _nbgrader(course, "autograde", assignment)
     points = sum(original.cells[j].metadata.nbgrader["points"]
                  for _, j in grading.exercises(original))
-    assert _scores(course) == {"solver": points, "blank": 0}
+    assert _scores(course) == {"solver": points, "wrong": 0, "blank": 0}
+    # the wrong answer's check cell shows the checker's verdict, then fails on its assert
+    graded = nbformat.read(course / "autograded" / "wrong" / assignment / path.name, 4)
+    for _, j in grading.exercises(graded):
+        outputs = graded.cells[j].outputs
+        assert any(o.get("name") == "stdout" and "✗ " in o.text for o in outputs), outputs
+        assert [o.ename for o in outputs if o.output_type == "error"] == ["AssertionError"]
