@@ -100,7 +100,7 @@ def run_checks(name: str, fn: Callable, reference: Callable, cases: Iterable[tup
         lines = explain(got, expected, case) if explain else []
         if isinstance(expected, torch.Tensor):
             lines = [first_difference(got, expected)] + list(lines)
-            if example is not None:
+            if example is not None and example[1] is not case:  # not when it failed there
                 text, small, view = example
                 try:
                     mine = view(fn(*copy.deepcopy(small)))

@@ -58,7 +58,7 @@ def check_rope_rotate(fn) -> bool:
     return run_checks("rope_rotate", fn, _rope_reference, cases,
                       compare=lambda got, exp: same(got, exp, atol=1e-3), mistakes=mistakes,
                       example=("x = [1, 0, 0, 1], position 3, theta 100", cases[1],
-                               lambda t: [round(v, 3) for v in t.tolist()]))
+                               lambda t: [round(v, 4) for v in t.tolist()]))
 
 
 def _scores_reference(q, k, max_offset, theta):
@@ -113,7 +113,7 @@ def check_rope_scores(fn) -> bool:
                       compare=lambda got, exp: same(got, exp, atol=5e-4), mistakes=mistakes,
                       example=("q = [1, 0, 1, 0], k = [0, 1, 0, 1], theta 100, offsets 0 to 3: "
                                "pair i adds sin(d * omega_i)", small,
-                               lambda t: [round(v, 3) for v in t.tolist()]))
+                               lambda t: [round(v, 4) for v in t.tolist()]))
 
 
 # --- Chapter 03: grouped-query attention ---------------------------------------------------
@@ -279,4 +279,4 @@ def check_fused_swiglu(fn) -> bool:
          wrong(gate="sigmoid")),
         ("this stops at the hidden size: w2 projects back down to dim", wrong(down=False))],
         example=("x = [1, -1], w1 = I, w3 = 2I, w2 = I: the answer is silu(x) * 2x", small,
-                 lambda t: [round(v, 3) for v in t.tolist()]))
+                 lambda t: [round(v, 4) for v in t.tolist()]))
