@@ -16,6 +16,8 @@ from llama3_mini.long_context import (
     loss_by_position,
     name_recall_probe,
     recall_accuracy,
+    weight_flops,
+    window_mask,
     with_context,
 )
 from llama3_mini.model import Transformer
@@ -110,6 +112,47 @@ def test_loss_by_position_matches_cross_entropy_row_by_row():
     torch.testing.assert_close(loss_by_position(model, rows, batch_size=2), per_row.mean(0))
 
 
+def test_window_mask_by_hand_and_a_full_window_changes_nothing():
+    inf = float("-inf")
+    assert window_mask(3, 2).tolist() == [[0, inf, inf], [0, 0, inf], [inf, 0, 0]]
+    torch.manual_seed(1)
+    model = Transformer(SMALL).eval()
+    rows = torch.randint(0, 300, (3, 21))
+    torch.testing.assert_close(loss_by_position(model, rows, window=20),
+                               loss_by_position(model, rows))
+    with pytest.raises(ValueError, match="window"):
+        window_mask(4, 0)
+
+
+def test_windowed_logits_equal_the_last_window_alone():
+    """RoPE sees offsets only: with a window of w, one layer's logits at position p equal
+    those of the last w tokens run alone from position 0 (another absolute position). (With
+    more layers the window compounds: position p reaches back layers x (w - 1) tokens.)"""
+    torch.manual_seed(2)
+    model = Transformer(SMALL.replace(n_layers=1)).double().eval()
+    x = torch.randint(0, 300, (2, 30))
+    w = 7
+    with torch.no_grad():
+        windowed = model(x, mask=window_mask(30, w).double())  # (2, 30, vocab)
+        for p in (w - 1, 15, 29):
+            alone = model(x[:, p - w + 1: p + 1])[:, -1]  # positions 0..w-1
+            torch.testing.assert_close(windowed[:, p], alone)
+        full = model(x)[:, 29]
+    assert (full - windowed[:, 29]).abs().max() > 1e-3  # the window did change something
+
+
+def test_weight_flops_match_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for args in (SMALL, SMALL.replace(tie_word_embeddings=True)):
+        model = Transformer(args).eval().set_fast_attention(False)  # explicit matmuls
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 20, dtype=torch.long))
+        # the counter sees the full square of scores (4 x dim per query-key pair and layer),
+        # attention_flops halves it for the causal mask; the embedding lookup counts nothing
+        assert counter.get_total_flops() == weight_flops(args, 20) + 2 * attention_flops(args, 20)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from llama3_mini.stories import make_stories
@@ -139,6 +182,31 @@ def test_name_recall_probe(tokenizer):
             gap = q.item() + 1 - last
             assert distance - 25 <= gap <= distance + 30, (distance, gap)
             assert (row[q + 1:] == 0).all()
+
+
+def test_friend_probe_asks_for_the_friend_after_the_hero(tokenizer):
+    for distance in (20, 150):
+        tokens, query, answer = name_recall_probe(tokenizer, distance, n=6, seed=3,
+                                                  fact="friend")
+        for row, q, a in zip(tokens, query, answer, strict=True):
+            text = tokenizer.decode(row[: q + 1].tolist()).removeprefix("<|begin_of_text|>")
+            hero = text.split(" was ")[0]
+            friend = text.split(" called ")[1].split(".")[0]
+            assert friend != hero and tokenizer.encode(f" {friend}")[0] == a.item()
+            assert text.count(friend) == 1  # introduced once, never again before the query
+            assert re.search(rf" {hero} felt \w+ and [a-z ]+\.$", text)
+            # the grammar's text: the start, and each sentence then the friend's reply
+            start, rest = text.split(f" called {friend}.", 1)
+            start += f" called {friend}."
+            assert grammatical_prefix(start) == 1.0
+            *fillers, last = re.findall(r" [^.]*\.", rest)
+            assert fillers and last.startswith(f" {hero} felt")
+            for sentence in fillers:  # an episode's start, the hero's feeling, then the friend
+                assert grammatical_prefix(f"{start}{sentence}{last} {friend} said,") == 1.0
+            first = len(tokenizer.encode(text[: text.index(" called ") + 8], bos=True))
+            assert distance - 25 <= q.item() + 1 - first <= distance + 40
+    with pytest.raises(ValueError, match="fact"):
+        name_recall_probe(tokenizer, 20, fact="place")
 
 
 def test_recall_accuracy_reads_the_query_position(tokenizer):
