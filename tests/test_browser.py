@@ -229,3 +229,38 @@ def test_cache_growth(notebook):
         expect_step(step)
         src = changed(page, w, src)
     screenshot(page, "cache_growth_1")
+
+
+def test_chat_widget(notebook):
+    """07b's chat: type a held-out story and question, press send; the reply streams in (the
+    page shows it growing) and equals the package's greedy reply to the same dialog."""
+    from playwright.sync_api import expect
+
+    from llama3_mini.chat import Conversation
+    from llama3_mini.checkpoint import load_pretrained
+    from llama3_mini.finetune import make_qa
+
+    page = notebook("07b_finetuning_at_length.ipynb", "the widget's chat has 0 messages")
+    w = page.locator(".l3m-chat")
+    w.scroll_into_view_if_needed()
+    expect(w.locator(".l3m-chat-empty")).to_be_visible()  # the cell ran: nothing generated
+    e = make_qa(3, seed=11)[2]  # a story no fine-tune saw, and its question
+    message = f"{e.story}\n\n{e.question}"
+    chat = Conversation(*load_pretrained("qa-full", device="cpu"), max_new_tokens=40)
+    expected = chat.reply(message)  # the notebook's widget: qa-full, greedy, 40 tokens at most
+    w.locator(".l3m-control-message textarea").fill(message)
+    page.evaluate("""(el) => { window.l3mSeen = [];  // the reply's text at every redraw
+        new MutationObserver(() => {
+          const r = el.querySelectorAll('.l3m-chat-assistant .l3m-chat-text');
+          if (r.length) window.l3mSeen.push(r[r.length - 1].textContent);
+        }).observe(el, {subtree: true, childList: true, characterData: true}); }""",
+                  w.locator(".l3m-chat-transcript").element_handle())
+    w.locator(".l3m-control-send").click()
+    expect(w.locator(".l3m-readout")).to_contain_text(f"{len(chat.reply_ids)} tokens in",
+                                                      timeout=60_000)
+    expect(w.locator(".l3m-chat-assistant .l3m-chat-text")).to_have_text(expected)
+    expect(w.locator(".l3m-chat-user .l3m-chat-text")).to_have_text(message)
+    seen = page.evaluate("window.l3mSeen")
+    assert len(set(seen)) > 2 and all(expected.startswith(s) for s in seen), seen  # streamed
+    assert expected == e.answer  # and right
+    screenshot(page, "chat_widget")
