@@ -2,7 +2,8 @@
 (stories.py) whose exact entropy, the floor under any model's loss, is known. Any UTF-8 file
 or folder, and Python's standard library (code), are the others. Documents are joined with
 <|begin_of_text|> ... <|end_of_text|>, tokenized once (a memory-mapped token file), split by
-document into train and validation, and cut into fixed-length sequences."""
+document into train and validation, and cut into fixed-length sequences. Where each document
+starts is kept beside the stream, for Llama 3's document mask (model.document_mask)."""
 from __future__ import annotations
 
 import os

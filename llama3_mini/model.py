@@ -60,8 +60,10 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     # Row i is the query at position i, column j the key at j. The masked entries are (i, j)
     # with j > i (its future, as in causal_mask) or doc_ids[i] != doc_ids[j] (another
     # document): what is left is one causal triangle per document along the diagonal. The 1
-    # broadcasts over the heads. Positions run on across documents: RoPE's score depends on
-    # i - j alone, so inside a triangle it is the score of the document run alone from 0.
+    # broadcasts over the heads. Positions run on across documents (the paper, section 3.2,
+    # names only the mask; Meta's reference has no position ids): RoPE's score depends on
+    # i - j alone, so inside a triangle it is the score of the document run alone from 0,
+    # and restarting them (transformers' packed position_ids) changes only the rounding.
     seqlen = doc_ids.shape[-1]
     past = torch.ones(seqlen, seqlen, dtype=torch.bool, device=doc_ids.device).tril()
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (batch, seq, seq)
