@@ -14,7 +14,9 @@
 - assets/lora-token-rows/: qa-lora's recipe with the output rows of the reply tokens the
   stories never contain trainable too (make_token_rows.py, three to five minutes); chapter 07b;
 - assets/long-recall/: the story model stretched to 2,048 positions and fine-tuned to carry a
-  name far (make_long_recall.py, two minutes); chapter 08.
+  name far (make_long_recall.py, two minutes); chapter 08;
+- assets/collapse-seeds/: chapter 10's model-collapse chains for five more seeds, numbers only
+  (make_collapse_seeds.py, five to ten minutes); chapter 10.
 
 Each folder holds model.safetensors (float16), config.json, tokenizer.tiktoken, card.json and
 README.md (the card). `--only byte-model` remakes one of them (the fine-tunes start from the
@@ -33,7 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import make_long_recall  # noqa: E402  (beside this file)
+import make_collapse_seeds  # noqa: E402  (beside this file)
+import make_long_recall  # noqa: E402
 import make_pretraining_lengths  # noqa: E402
 import make_qa_finetunes  # noqa: E402
 import make_token_rows  # noqa: E402
@@ -138,7 +141,7 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=40, help="samples to score")
     parser.add_argument("--only", choices=["story-model", "byte-model", "qa-finetunes",
                                            "pretraining-lengths", "long-recall",
-                                           "lora-token-rows"],
+                                           "lora-token-rows", "collapse-seeds"],
                         help="remake only this asset (default: both)")
     args = parser.parse_args(argv)
     if args.only != "story-model":
@@ -152,6 +155,8 @@ def main(argv=None) -> None:
         return make_pretraining_lengths.main(args.threads)
     if args.only == "long-recall":
         return make_long_recall.main(args.threads)
+    if args.only == "collapse-seeds":
+        return make_collapse_seeds.main(args.threads)
     if args.only == "lora-token-rows":
         return make_token_rows.main(args.threads)
     torch.set_num_threads(args.threads)  # the same arithmetic, so the same weights
@@ -205,6 +210,7 @@ def main(argv=None) -> None:
     make_token_rows.main(args.threads)
     make_pretraining_lengths.main(args.threads)  # with its tokenizer
     make_long_recall.main(args.threads)
+    make_collapse_seeds.main(args.threads)
 
 
 def _print_evals(trainer) -> None:

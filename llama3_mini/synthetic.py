@@ -1,7 +1,8 @@
 """Chapter 10, what a model learns from synthetic data: the grammar's information by kind
 of choice set against a model's loss on the same bytes, how well a model copies names from
-context, and the diversity of a set of stories (distinct texts, the entropy of the heroes'
-names)."""
+context and which heads do it (chapter 03's probe, for every head), the diversity of a set of
+stories (distinct texts, the entropy of the heroes' names), and Wilson's interval for a share
+measured on n samples."""
 from __future__ import annotations
 
 import math
@@ -134,3 +135,69 @@ def _word_offsets(text: str, word: str) -> list[int]:
             out.append(pos)
         pos = text.find(word, pos + 1)
     return out
+
+
+# ------------------------------------------------ when things are learned (pretraining-lengths)
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval for a share k / n (95% with z = 1.96): the range of true shares
+    that k successes in n draws do not rule out. Unlike k/n ± z·sqrt(p(1-p)/n) it stays inside
+    [0, 1] and is not empty at k = 0: (0, 20) -> (0.0, 0.161); (81, 263) -> (0.255, 0.366)."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k ({k}) <= n ({n}) and n > 0")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def name_mentions(tokenizer, ids, text: str, word: str) -> list[list[int]]:
+    """For each occurrence of `word` in `text` (which `ids` encode, without <|begin_of_text|>):
+    the indices of the tokens that hold part of it. ("Bo met Bo", " Bo") -> [[2]] when the
+    tokens are "Bo", " met", " Bo"."""
+    ends, pos = [], 0
+    for tid in ids:
+        pos += len(tokenizer.decode_bytes([tid]))
+        ends.append(pos)
+    raw, w, out = text.encode(), word.encode(), []
+    starts = [0, *ends[:-1]]
+    at = raw.find(w)
+    while at >= 0:
+        out.append([i for i, (s, e) in enumerate(zip(starts, ends, strict=True))
+                    if e > at and s < at + len(w)])
+        at = raw.find(w, at + 1)
+    return out
+
+
+def copying_probe(model, tokenizer, stories, attention_weights, min_gap: int = 8) -> dict:
+    """Chapter 03's probe of copying heads, for every head at once. The query is the token just
+    before a later mention of the hero's friend (it must predict the name), at least `min_gap`
+    tokens after the friend's previous mention; each head's attention from it is summed over
+    the friend's earlier mentions ("friend": copying), the hero's mentions so far ("hero": a
+    name, the wrong one), the token before the query ("previous") and the first token
+    ("first"), then averaged over the queries. `attention_weights(model, tokens)` gives
+    (n_layers, n_heads, seq, seq) (widgets.attention_weights).
+    Returns {"friend", "hero", "previous", "first": (n_layers, n_heads), "queries": n}."""
+    p = model.params
+    probe = {k: torch.zeros(p.n_layers, p.n_heads) for k in ("friend", "hero", "previous", "first")}
+    n = 0
+    for story in stories:
+        first = first_choices(story.choices)
+        ids = tokenizer.encode(story.text)
+        weights = attention_weights(model, torch.tensor(ids))  # (layers, heads, seq, seq)
+        friend = name_mentions(tokenizer, ids, story.text, " " + first["friend"])
+        hero = name_mentions(tokenizer, ids, story.text, first["hero"])
+        for k in range(1, len(friend)):
+            query = friend[k][0] - 1  # its next token is the friend's name
+            earlier = sorted({i for m in friend[:k] for i in m})
+            if query - earlier[-1] < min_gap:
+                continue
+            heroes = sorted({i for m in hero for i in m if i < query})
+            probe["friend"] += weights[:, :, query, earlier].sum(-1)
+            probe["hero"] += weights[:, :, query, heroes].sum(-1)
+            probe["previous"] += weights[:, :, query, query - 1]
+            probe["first"] += weights[:, :, query, 0]
+            n += 1
+    if n == 0:
+        raise ValueError("no query: give stories whose friend is named again "
+                         f"at least {min_gap} tokens after a mention")
+    return {**{k: v / n for k, v in probe.items()}, "queries": n}

@@ -7,6 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llama3_mini.config import ModelArgs
+from llama3_mini.model import Transformer
 from llama3_mini.stories import (
     NAMES,
     choice_spans,
@@ -18,8 +20,11 @@ from llama3_mini.synthetic import (
     bits_by_kind,
     choice_kind,
     copy_accuracy,
+    copying_probe,
     diversity,
     name_entropy_bits,
+    name_mentions,
+    wilson_interval,
 )
 from llama3_mini.tokenizer import Tokenizer
 
@@ -237,3 +242,59 @@ def test_bits_by_kind_charges_a_grammar_perfect_model_what_the_grammar_says():
     for kind, v in scored.items():
         assert v["model"] == pytest.approx(v["grammar"], abs=0.1), (kind, scored)
     assert scored["function words"]["model"] < 0.05
+
+
+def test_wilson_interval_against_newcombe():
+    # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Statistics
+    # in Medicine 17: Table I, method 3 (the score interval, no continuity correction)
+    for (k, n), (lo, hi) in {(81, 263): (0.2553, 0.3662), (15, 148): (0.0624, 0.1605),
+                             (0, 20): (0.0, 0.1611), (1, 29): (0.0061, 0.1718)}.items():
+        got = wilson_interval(k, n)
+        assert abs(got[0] - lo) < 6e-5 and abs(got[1] - hi) < 6e-5, (k, n, got)
+    assert wilson_interval(20, 20)[1] == 1.0
+    with pytest.raises(ValueError, match="n"):
+        wilson_interval(3, 2)
+
+
+def test_name_mentions_hold_the_name(tokenizer):
+    for story in make_stories(20, 4):
+        ids = tokenizer.encode(story.text)
+        friend = " " + dict(story.choices)["friend"]
+        found = name_mentions(tokenizer, ids, story.text, friend)
+        assert len(found) == story.text.count(friend) > 0
+        for m in found:  # the tokens cover the name, and drop one at either end and they do not
+            text = tokenizer.decode([ids[i] for i in m])
+            assert friend.strip() in text and m == list(range(m[0], m[-1] + 1))
+            assert friend.strip() not in tokenizer.decode([ids[i] for i in m[1:]])
+            assert friend.strip() not in tokenizer.decode([ids[i] for i in m[:-1]])
+
+
+def test_copying_probe_finds_a_head_that_looks_at_the_friend(tokenizer):
+    """Head 0 puts all its attention on the tokens that spell the friend's name earlier (found
+    by decoding each token, not by name_mentions); head 1 spreads it evenly over the past."""
+    stories = [s for s in make_stories(40, 7)  # friends whose name is one token
+               if len(tokenizer.encode(" " + dict(s.choices)["friend"])) == 1][:12]
+    friends = {tuple(tokenizer.encode(s.text)): dict(s.choices)["friend"] for s in stories}
+
+    def fake_attention(model, tokens):
+        ids = tokens.tolist()
+        n = len(ids)
+        named = torch.tensor([tokenizer.decode([t]) == " " + friends[tuple(ids)] for t in ids])
+        w = torch.zeros(1, 2, n, n)
+        w[0, 1] = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1)[:, None]
+        for q in range(n):
+            past = named & (torch.arange(n) < q)
+            w[0, 0, q] = past / past.sum() if past.any() else w[0, 1, q]
+        return w
+
+    model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=700,
+                                  multiple_of=16, max_seq_len=32))
+    probe = copying_probe(model, tokenizer, stories, fake_attention)
+    assert probe["queries"] > 5
+    assert probe["friend"][0, 0].item() == pytest.approx(1.0)
+    assert probe["hero"][0, 0].item() == pytest.approx(0.0)
+    assert probe["friend"][0, 1] < 0.2
+    # the even head gives the previous token and the first token the same share
+    assert probe["previous"][0, 1].item() == pytest.approx(probe["first"][0, 1].item())
+    with pytest.raises(ValueError, match="no query"):
+        copying_probe(model, tokenizer, stories, fake_attention, min_gap=10_000)
