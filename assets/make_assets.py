@@ -16,7 +16,10 @@
 - assets/long-recall/: the story model stretched to 2,048 positions and fine-tuned to carry a
   name far (make_long_recall.py, two minutes); chapter 08;
 - assets/collapse-seeds/: chapter 10's model-collapse chains for five more seeds, numbers only
-  (make_collapse_seeds.py, five to ten minutes); chapter 10.
+  (make_collapse_seeds.py, five to ten minutes); chapter 10;
+- assets/preference/: a post-training round (rejection sampling, DPO with Meta's formatting
+  mask and NLL term, their ablations) from a 100-step SFT of the story model, and qa-lora
+  after DPO (make_preference.py, ten minutes); chapter 07c.
 
 Each folder holds model.safetensors (float16), config.json, tokenizer.tiktoken, card.json and
 README.md (the card). `--only byte-model` remakes one of them (the fine-tunes start from the
@@ -37,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import make_collapse_seeds  # noqa: E402  (beside this file)
 import make_long_recall  # noqa: E402
+import make_preference  # noqa: E402
 import make_pretraining_lengths  # noqa: E402
 import make_qa_finetunes  # noqa: E402
 import make_token_rows  # noqa: E402
@@ -141,7 +145,8 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=40, help="samples to score")
     parser.add_argument("--only", choices=["story-model", "byte-model", "qa-finetunes",
                                            "pretraining-lengths", "long-recall",
-                                           "lora-token-rows", "collapse-seeds"],
+                                           "lora-token-rows", "collapse-seeds",
+                                           "preference"],
                         help="remake only this asset (default: both)")
     args = parser.parse_args(argv)
     if args.only != "story-model":
@@ -159,6 +164,8 @@ def main(argv=None) -> None:
         return make_collapse_seeds.main(args.threads)
     if args.only == "lora-token-rows":
         return make_token_rows.main(args.threads)
+    if args.only == "preference":
+        return make_preference.main(args.threads)
     torch.set_num_threads(args.threads)  # the same arithmetic, so the same weights
     torch.manual_seed(0)
     work = Path(args.out).with_name(".make-assets")
@@ -211,6 +218,7 @@ def main(argv=None) -> None:
     make_pretraining_lengths.main(args.threads)  # with its tokenizer
     make_long_recall.main(args.threads)
     make_collapse_seeds.main(args.threads)
+    make_preference.main(args.threads)  # from the story model and qa-lora
 
 
 def _print_evals(trainer) -> None:
