@@ -195,6 +195,24 @@ TEACHING = [
      [Near(r"\n +4 +248 +[\d.]+% +\( *[\d.]+% to +[\d.]+%\) +\d+% +(\d+)%", 4),
       Near(r"\n +8 +497 +[\d.]+% +\( *[\d.]+% to +[\d.]+%\) +\d+% +(\d+)%", 93)]),
     ("10", "more than the 10.25 bits", ["uniform over the vocabulary: log2(1,216) = 10.25 bits"]),
+    ("07c", "the model answers held-out places 7% and things 13%",
+     ["SFT 100% 7% 13% 100% 0.21 0.645 9.2"]),
+    ("07c", "pass@16 for places is 20%",
+     [Near(r"\nplace +\d+% +\d+% +\d+% +\d+% +\d+% +(\d+)%", 20)]),
+    ("07c", "rejection sampling kept 164 of 200 training questions",
+     ["200 questions, 16 samples each, kept by kind: {'hero': 50, 'place': 22, 'thing': 42, "
+      "'friend': 50}"]),
+    ("07c", "exact match 0%, replies of 4.0 tokens",
+     ["SFT + DPO, no NLL 100% 0% 0% 4.0 0%"]),
+    ("07c", "the chosen from -0.99 to -26.50, the rejected faster",
+     ["SFT + DPO, no NLL chosen -0.99 -> -26.50 rejected -33.06 -> -88.08"]),
+    ("07c", "`<|eot_id|>` after the rejected replies fell from -0.29 to -5.11, more than after "
+     "the gold answers", ["SFT 100% 100% 0% 9.2 55% -0.02 -0.29",
+                          "no mask 80% 0% 65% 11.3 0% -1.89 -5.11"]),
+    ("07c", "87% of replies ran on with tail repetition", ["mask 0% 0% 87% 20.0 0%"]),
+    ("07c", "3.15 to 3.19 bits per answer token, and places and things fell to 80%",
+     ["qa-lora 100% 100% 100% 100% 3.15 1.991", "qa-lora + DPO 100% 80% 80% 100% 3.19 2.013"]),
+    ("07c", "(`check_dpo_loss`, 5 batches)", ["dpo_loss: right on all 5 cases"]),
 ]
 
 # Published figures the documents quote: the notebook must state them too, with the source.
@@ -213,6 +231,13 @@ PUBLISHED = [
      ["torchtune issue 2429", "5% probability after LoRA"]),
     ("07b", "torchtune issue 2429 measured `<|eot_id|>` at 5% after LoRA",
      ["torchtune issue 2429", "5% probability after LoRA"]),
+    ("07c", "rounds of SFT on rejection-sampled data, then DPO",
+     ["SFT on rejection-sampled data followed by Direct Preference Optimization", "section 4.1"]),
+    ("07c", "why Meta chose DPO over PPO (less compute, better results, section 4.1.4)",
+     ["required less compute for large-scale models and performed better\" (4.1.4)"]),
+    ("07c", "six rounds, model averaging, Meta's learning rates",
+     ["six rounds, section 4.1.6", "**model averaging** (4.1.5",
+      "a learning rate of 1e-5 and β = 0.1", "with coefficient 0.2 on the chosen replies"]),
     ("08", "Meta chose 8 and trained on about 800B long-context tokens",
      ["about 800B tokens", "section 3.4.2"]),
     ("09", "`VocabParallelEmbedding` (meta-llama/llama3, `llama/model.py` line 258)",
