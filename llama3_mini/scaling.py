@@ -207,6 +207,16 @@ def fit_law(rows: list[dict], floor: float | None, **sweep) -> tuple[ScalingLaw,
     return ScalingLaw(a_n, alpha_n, a_d, alpha_d, e, b, beta, **sweep), optima
 
 
+def compute_optimal(flops: float, a_params: float, alpha_params: float) -> tuple[float, float]:
+    """(parameters, tokens) for a budget from a fitted N*(C) = a C^alpha in parameters, the
+    tokens from C = 6 N D as section 3.2.1 and Chinchilla count them.
+    compute_optimal(6e20, 0.1, 0.5) -> (2.449e9, 4.08e10)."""
+    if not flops > 0:
+        raise ValueError(f"the budget must be above 0 FLOPs, got {flops}")
+    params = a_params * flops ** alpha_params
+    return params, flops / (6 * params)
+
+
 def shape_for_budget(flops: float, law: ScalingLaw, vocab_size: int | None = None,
                      seq_len: int | None = None) -> tuple[ModelArgs, int]:
     """(shape, training tokens) for a compute budget: the family's shape nearest the law's

@@ -168,3 +168,37 @@ def test_errors_say_what_to_do():
     with pytest.raises(ValueError, match="above 0"):
         plan_for_minutes(0, ScalingLaw(1, 0.5, 1, 0.5, 0, 1, 0.1), lambda a: 1e9, 100)
     assert DIMS[0] == 16
+
+
+def _learner(tokens_per=6, swap=False, as_tokens=False, base=False):
+    """A learner's compute_optimal written independently of the package's, with switches."""
+    def fn(flops, a, alpha):
+        n = a * 10 ** (alpha * math.log(flops)) if base else a * math.exp(alpha * math.log(flops))
+        if as_tokens:
+            n = flops / (tokens_per * n)
+        d = flops / (tokens_per * n)
+        return (d, n) if swap else (n, d)
+    return fn
+
+
+@pytest.mark.parametrize("wrong, named", [
+    (_learner(tokens_per=2), "counts 2 FLOPs per parameter per token"),
+    (_learner(swap=True), "swaps tokens and parameters"),
+    (_learner(as_tokens=True), "swaps tokens and parameters"),
+    (_learner(base=True), "mixes log bases"),
+])
+def test_check_compute_optimal_names_the_mistake(wrong, named, capsys):
+    from llama3_mini.exercises import check_compute_optimal
+
+    assert not check_compute_optimal(wrong)
+    assert f"→ this {named}" in capsys.readouterr().out
+
+
+def test_check_compute_optimal_accepts_the_right_answer(capsys):
+    from llama3_mini.exercises import check_compute_optimal
+
+    assert check_compute_optimal(_learner())
+    assert "right on all 6 cases" in capsys.readouterr().out
+    # Chinchilla's rule of thumb from the same formula: N = D / 20 at 20 tokens per parameter
+    n, d = _learner()(5.76e23, (1 / 120) ** 0.5, 0.5)
+    assert d / n == pytest.approx(20.0)

@@ -26,6 +26,7 @@ from .layers import (
     ffn_params,
 )
 from .posttraining import check_dpo_loss
+from .scaling import check_compute_optimal
 from .training import (
     check_lora_params,
     check_loss_mask,
@@ -44,5 +45,5 @@ __all__ = [
     "check_ffn_params", "check_fused_swiglu", "check_top_p", "run_checks", "same",
     "first_difference", "check_lr_schedule", "check_text_bits_per_byte",
     "check_loss_mask", "check_lora_params", "check_rope_scaling", "check_stretch_context",
-    "check_merge_shards", "check_name_entropy", "check_dpo_loss",
+    "check_merge_shards", "check_name_entropy", "check_dpo_loss", "check_compute_optimal",
 ]
