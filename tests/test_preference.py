@@ -311,3 +311,36 @@ def test_check_dpo_loss_accepts_the_right_loss(capsys):
 
     assert check_dpo_loss(_learner())
     assert "right on all 5 cases" in capsys.readouterr().out
+
+
+class _TextTok(_Tok):
+    """_Tok that decodes too: ids 1..48 back to characters, specials to nothing."""
+    stop_tokens = {FIRST_SPECIAL}
+
+    def decode(self, ids):
+        chars = {1 + ord(c) % 48: c for c in "The hero is Gus.It happens in a cold pond"}
+        return "".join(chars.get(i, "?") for i in ids if i < FIRST_SPECIAL)
+
+
+def test_ending_reads_how_a_reply_stops():
+    from llama3_mini.preference import ending
+
+    tok = _TextTok()
+    ex = Example("s", "hero", "Who?", "The hero is Gus.", "Gus")
+    right = tok.encode("The hero is Gus.")
+    assert ending(ex, right, tok, 20) == {"stopped": True, "formed": True, "repeats": False}
+    assert ending(ex, tok.encode("The hero is"), tok, 20)["formed"] is False  # abrupt
+    assert ending(ex, right[:20], tok, len(right[:20]))["stopped"] is False  # hit the budget
+    looped = tok.encode("The hero is Gus. Gus. Gus.")
+    assert ending(ex, looped, tok, 40)["repeats"] is True
+
+
+def test_sample_replies_are_seeded_and_shaped():
+    from llama3_mini.preference import sample_replies
+
+    torch.manual_seed(0)
+    model = Transformer(ARGS).eval()
+    ex = [Example(f"story {i}", "hero", "Who?", "A.", "A") for i in range(3)]
+    one = sample_replies(model, _TextTok(), _Chat(), ex, k=4, max_new_tokens=5, seed=3)
+    again = sample_replies(model, _TextTok(), _Chat(), ex, k=4, max_new_tokens=5, seed=3)
+    assert one == again and len(one) == 3 and all(len(s) == 4 for s in one)
