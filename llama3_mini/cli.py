@@ -114,6 +114,23 @@ def _train_defaults(args) -> None:
     mark.write_text(corpus + "\n")
 
 
+def _budget_law(args):
+    """The scaling law that sizes the model when --max-minutes comes with no shape (--preset,
+    --dim, --n-layers, --n-heads, --n-kv-heads), or None; on the stories its recipe (sequence
+    length, batch, learning rate) fills the flags left out."""
+    shape = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads")
+    if (args.max_minutes is None or any(getattr(args, k) is not None for k in shape)
+            or int(os.environ.get("WORLD_SIZE", "1")) > 1):  # torchrun: one shape for all
+        return None
+    from .scaling import load_law
+
+    law = load_law(missing_ok=True)
+    for flag in ("seq_len", "batch_size", "lr") if law and args.corpus == "stories" else ():
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(law, flag))
+    return law
+
+
 def cmd_train(args) -> None:
     import torch
 
@@ -125,6 +142,7 @@ def cmd_train(args) -> None:
     from .train import TrainConfig, Trainer
 
     docs, stories = _corpus(args)
+    law = _budget_law(args)
     _train_defaults(args)
     out_dir = args.out_dir
     if args.tokenizer:
@@ -141,6 +159,14 @@ def cmd_train(args) -> None:
         train_docs = split_documents(docs, args.val_fraction)[0]  # validation stays unseen
         tokenizer = (Tokenizer.load(tok_path) if tok_path.exists() else _train_tokenizer(
             train_docs[:2000], args.vocab_size, tok_path, not args.quiet))
+    if law is not None:  # the shape for --max-minutes at this machine's speed (kept on resume)
+        from .scaling import resumed_shape, shape_for_minutes
+
+        a = resumed_shape(out_dir) or shape_for_minutes(
+            law, args.max_minutes, tokenizer.n_words, args.seq_len, args.batch_size,
+            args.device, own_text=stories is None)
+        args.dim, args.n_layers, args.n_heads, args.n_kv_heads = (a.dim, a.n_layers, a.n_heads,
+                                                                  a.kv_heads)
     floor = None
     if stories is not None:
         floor = entropy_bits_per_byte(split_documents(stories, args.val_fraction)[1])
@@ -314,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=_positive(float), default=None,
                    help="a time budget: the warm-up and the cosine decay are laid over it, and "
                         "the run ends at the floor learning rate when it is spent (evaluation "
-                        "is not counted); a resumed run continues the same schedule")
+                        "is not counted); a resumed run continues the same schedule. With no "
+                        "shape flag (--preset, --dim, ...) the scaling law of chapter 06c "
+                        "picks the shape for the budget at this machine's measured speed")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--explicit-attention", action="store_true",
                    help="the written-out attention instead of scaled_dot_product_attention")

@@ -15,9 +15,11 @@ Kaplan et al. do; the budgets C are the full count, so a budget turns into secon
 the measured speed of the machine (`measure_speed`)."""
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,8 +30,7 @@ from .data import TokenData
 from .model import Transformer
 from .train import TrainConfig, Trainer
 
-HEAD_DIM = 16  # every shape of the family has heads of 16 dimensions
-DIMS = tuple(range(16, 513, 16))  # the family's widths, 16 to 512
+DIMS = (8, *range(16, 513, 16))  # the family's widths: 8, then multiples of 16 to 512
 
 
 # --------------------------------------------------------------------------- counting FLOPs
@@ -75,12 +76,14 @@ def step_flops(model: Transformer, inputs: torch.Tensor, targets: torch.Tensor) 
 
 # --------------------------------------------------------------------------- the shapes
 def family_shape(dim: int, vocab_size: int, max_seq_len: int = 512) -> ModelArgs:
-    """The sweep's family, one knob: width `dim` (a multiple of 16); heads of 16 dimensions,
-    half as many KV heads (GQA), and one layer per 32 of width (at least one).
-    family_shape(64, 1216) -> dim 64, 2 layers, 4 heads, 2 KV heads."""
-    if dim % HEAD_DIM or dim <= 0:
-        raise ValueError(f"dim ({dim}) must be a positive multiple of {HEAD_DIM}")
-    n_heads = dim // HEAD_DIM
+    """The sweep's family, one knob: width `dim` (one of DIMS); heads of 16 dimensions (one
+    head of 8 at width 8), half as many KV heads (GQA) where the count is even, and one layer
+    per 32 of width (at least one). family_shape(64, 1216) -> dim 64, 2 layers, 4 heads, 2 KV
+    heads."""
+    if dim not in DIMS:
+        raise ValueError(f"dim ({dim}) is not a width of the family: 8, or a multiple of 16 "
+                         "from 16 to 512")
+    n_heads = max(1, dim // 16)
     n_kv = n_heads // 2 if n_heads % 2 == 0 else n_heads
     return get_preset("tiny").replace(dim=dim, n_layers=max(1, round(dim / 32)),
                                       n_heads=n_heads, n_kv_heads=n_kv,
@@ -189,7 +192,8 @@ def fit_law(rows: list[dict], floor: float | None, **sweep) -> tuple[ScalingLaw,
     """The law from an IsoFLOP sweep's rows (`isoflop_sweep`'s: budget, params, val_bpb, ...):
     a parabola per budget gives N_opt and its loss, D_opt the tokens a model of N_opt trains
     on at that budget (log tokens against log N is a line within a budget), and power laws
-    across budgets. Returns (law, one optimum per budget)."""
+    across budgets. Returns (law, one optimum per budget; `inside`: the optimum lies between
+    the budget's smallest and largest model, not extrapolated)."""
     optima = []
     for c in sorted({r["budget"] for r in rows}):
         points = [r for r in rows if r["budget"] == c]
@@ -197,7 +201,8 @@ def fit_law(rows: list[dict], floor: float | None, **sweep) -> tuple[ScalingLaw,
                                          [r["val_bpb"] for r in points])
         line = np.polyfit(np.log([r["params"] for r in points]),
                           np.log([r["tokens"] for r in points]), 1)
-        optima.append({"budget": c, "params": n_opt,
+        inside = min(r["params"] for r in points) <= n_opt <= max(r["params"] for r in points)
+        optima.append({"budget": c, "params": n_opt, "inside": inside,
                        "tokens": float(np.exp(np.polyval(line, math.log(n_opt)))),
                        "val_bpb": loss, "parabola": [float(v) for v in coef]})
     budgets = [o["budget"] for o in optima]
@@ -266,6 +271,64 @@ def plan_for_minutes(minutes: float, law: ScalingLaw, speed, vocab_size: int,
     return {"args": args, "flops": flops, "tokens": tokens, "flops_per_second":
             flops_per_second, "params": non_embedding_params(args),
             "predicted_bpb": law.loss_for(flops)}
+
+
+def load_law(path=None, floor_guessed: bool = False, missing_ok: bool = False):
+    """The law `make assets` fitted on the story corpus (assets/scaling-laws/card.json), or
+    the one in the card at `path`. missing_ok: None (and a note printed) when there is none."""
+    from .checkpoint import ASSETS
+
+    card = Path(path) if path else ASSETS / "scaling-laws" / "card.json"
+    if not card.is_file() and missing_ok:
+        print(f"no scaling law at {card} (`make assets` makes it): the fixed default shape")
+        return None
+    if not card.is_file():
+        raise FileNotFoundError(f"no scaling law at {card}: run `make assets` (assets/"
+                                "make_scaling.py), or give the model's shape (--dim ...)")
+    return ScalingLaw(**json.loads(card.read_text())["law_floor_guessed" if floor_guessed
+                                                       else "law"])
+
+
+def describe_plan(plan: dict, minutes: float, law: ScalingLaw, own_text: bool) -> str:
+    """What `llama3-mini train --max-minutes` prints before training: the shape, the predicted
+    loss and why."""
+    a = plan["args"]
+    text = (f"sized for {minutes:g} min: this machine trains {plan['flops_per_second']:.3g} "
+            f"FLOPs/s, so {plan['flops']:.3g} FLOPs; the scaling law N*(C) = "
+            f"{law.a_params:.3g} C^{law.alpha_params:.3f} picks dim {a.dim}, {a.n_layers} "
+            f"layers, {a.n_heads}/{a.kv_heads} heads ({plan['params']:,} non-embedding "
+            f"parameters) on about {plan['tokens']:,} tokens")
+    if own_text:
+        return text + (" (the law was fitted on the story corpus and is assumed to transfer "
+                       "to your text; its loss there is not predicted)")
+    return text + f"; predicted {plan['predicted_bpb']:.3f} bits per byte (floor {law.floor:.3f})"
+
+
+def resumed_shape(out_dir) -> ModelArgs | None:
+    """The shape of the newest checkpoint in out_dir (a sized run resumes as it began), or
+    None when there is none."""
+    from .checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(out_dir) if out_dir else None
+    if found is None:
+        return None
+    a = ModelArgs.from_dict(json.loads((found / "config.json").read_text())["model_args"])
+    print(f"resuming a run sized for its budget: dim {a.dim}, {a.n_layers} layers", flush=True)
+    return a
+
+
+def shape_for_minutes(law: ScalingLaw, minutes: float, vocab_size: int, seq_len: int,
+                      batch_size: int, device=None, own_text: bool = False,
+                      speed=None) -> ModelArgs:
+    """`llama3-mini train --max-minutes`'s shape: this machine's speed measured for 2 s per
+    candidate (measure_speed, or `speed(args)`), the plan printed with its reason."""
+    from .config import pick_device
+
+    device = pick_device(device)
+    speed = speed or (lambda a: measure_speed(a, seq_len, batch_size, 2.0, device=device))
+    plan = plan_for_minutes(minutes, law, speed, vocab_size, seq_len)
+    print(describe_plan(plan, minutes, law, own_text), flush=True)
+    return plan["args"]
 
 
 # --------------------------------------------------------------------------- the sweep

@@ -206,3 +206,36 @@ def test_text_defaults_and_a_run_folder_per_corpus(tmp_path, capsys, monkeypatch
     capsys.readouterr()
     assert main(["train", "--corpus", "stories", "--out-dir", "runs/notes", "--steps", "1"]) == 2
     assert "runs/notes holds a run on " in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_time_budget_without_a_shape_is_sized_by_the_scaling_law(tmp_path, capsys, monkeypatch):
+    """--max-minutes and no shape: the shape comes from the law at this machine's speed (a
+    fake 1e9 FLOPs/s here), printed with its reason; the law's recipe fills the flags left out
+    on the stories; an explicit shape flag turns the sizing off."""
+    from llama3_mini import scaling
+    from llama3_mini.checkpoint import ASSETS, latest_checkpoint
+
+    law = scaling.ScalingLaw(0.05, 0.5, 3.0, 0.5, 0.17, 30.0, 0.15, seq_len=32, batch_size=4)
+    monkeypatch.setattr(scaling, "load_law", lambda **kw: law)
+    monkeypatch.setattr(scaling, "measure_speed", lambda *a, **kw: 1e9)
+    tok = str(ASSETS / "story-model" / "tokenizer.tiktoken")
+    common = ["train", "--n-stories", "300", "--tokenizer", tok, "--eval-every", "0", "--quiet"]
+    assert main([*common, "--max-minutes", "0.01", "--out-dir", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    expected, _ = scaling.shape_for_budget(0.01 * 60 * 1e9, law, Tokenizer.load(tok).n_words)
+    assert "sized for 0.01 min: this machine trains 1e+09 FLOPs/s, so 6e+08 FLOPs" in out
+    assert f"picks dim {expected.dim}, {expected.n_layers} layers" in out
+    assert f"predicted {law.loss_for(6e8):.3f} bits per byte" in out
+    config = json.loads((latest_checkpoint(tmp_path / "a") / "config.json").read_text())
+    assert config["model_args"]["dim"] == expected.dim
+    assert (config["train_config"]["seq_len"], config["train_config"]["batch_size"]) == (32, 4)
+    assert main([*common, "--max-minutes", "0.01", "--dim", "32", "--n-heads", "2",
+                 "--n-kv-heads", "1", "--out-dir", str(tmp_path / "b")]) == 0
+    assert "sized for" not in capsys.readouterr().out
+    config = json.loads((latest_checkpoint(tmp_path / "b") / "config.json").read_text())
+    assert config["model_args"]["dim"] == 32 and config["train_config"]["seq_len"] == 256
+    # resumed, the sized run keeps its shape whatever the speed now
+    monkeypatch.setattr(scaling, "measure_speed", lambda *a, **kw: 1e12)
+    assert main([*common, "--max-minutes", "0.02", "--out-dir", str(tmp_path / "a")]) == 0
+    assert f"resuming a run sized for its budget: dim {expected.dim}," in capsys.readouterr().out

@@ -22,6 +22,7 @@ from llama3_mini.scaling import (
     non_embedding_params,
     plan_for_minutes,
     shape_for_budget,
+    shape_for_minutes,
     shape_for_params,
     step_flops,
 )
@@ -161,13 +162,13 @@ def test_errors_say_what_to_do():
         fit_power_law([1, 10], [1, -1])
     with pytest.raises(ValueError, match="below every loss"):
         fit_loss([1, 10], [1.0, 0.5], floor=0.6)
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match="not a width of the family"):
         family_shape(40, 100)
     with pytest.raises(ValueError, match="above 0"):
         shape_for_params(0, 100)
     with pytest.raises(ValueError, match="above 0"):
         plan_for_minutes(0, ScalingLaw(1, 0.5, 1, 0.5, 0, 1, 0.1), lambda a: 1e9, 100)
-    assert DIMS[0] == 16
+    assert DIMS[:3] == (8, 16, 32)
 
 
 def _learner(tokens_per=6, swap=False, as_tokens=False, base=False):
@@ -202,3 +203,13 @@ def test_check_compute_optimal_accepts_the_right_answer(capsys):
     # Chinchilla's rule of thumb from the same formula: N = D / 20 at 20 tokens per parameter
     n, d = _learner()(5.76e23, (1 / 120) ** 0.5, 0.5)
     assert d / n == pytest.approx(20.0)
+
+
+def test_shape_for_minutes_says_why_and_where_the_loss_is_not_predicted(capsys):
+    law = ScalingLaw(0.05, 0.5, 3.0, 0.5, 0.17, 30.0, 0.15)
+    args = shape_for_minutes(law, 2, 2304, 128, 16, "cpu", own_text=True, speed=lambda a: 2e9)
+    out = capsys.readouterr().out
+    assert f"picks dim {args.dim}," in out and "assumed to transfer" in out
+    assert "bits per byte" not in out
+    shape_for_minutes(law, 2, 1216, 64, 4, "cpu", speed=lambda a: 2e9)
+    assert f"predicted {law.loss_for(2 * 60 * 2e9):.3f} bits per byte" in capsys.readouterr().out
