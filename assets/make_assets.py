@@ -1,7 +1,8 @@
 """Make the course's pretrained assets (`make assets`), deterministically, on a CPU:
 
-- assets/story-model/: a BPE tokenizer and a small Llama 3 trained on the story corpus (ten
-  to twenty minutes); chapters 03 and 06 on load it with `load_pretrained()`;
+- assets/story-model/: a BPE tokenizer and a small Llama 3 trained on the story corpus (about
+  half an hour: its card records 1,620 s on one thread); chapters 03 and 06 on load it with
+  `load_pretrained()`;
 - assets/byte-model/: a byte-level Llama 3 that has memorised one paragraph about llamas
   (under a minute); chapter 05 generates with it: `load_pretrained("byte-model")`;
 - assets/qa-full/ and assets/qa-lora/: the story model fine-tuned for 1,500 steps to answer

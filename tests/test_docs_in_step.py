@@ -267,6 +267,8 @@ NOTEBOOK_PROSE = [
       "layer 3, head 2 scores 0.66"]),
     ("04", "(its lowest value, about −0.28, is at z ≈ −1.28)",
      ["SiLU is lowest at z = -1.28: -0.278"]),
+    ("06a", "67% of its samples change the thing's colour somewhere, and that is most of why "
+     "only 33% are grammatical", ["the thing changes colour: 67%; grammatical: 33% of 30"]),
     ("07a", "(2.51 and 2.36 nats per answer token over the last 20 steps, against 0.15",
      ["LoRA r=2 2.51, LoRA r=16 2.36", "full fine-tune 0.15"]),
     ("07a", "Rank 16 answered 51.7% against full fine-tuning's 55.0%, and its story bits per "
