@@ -20,7 +20,10 @@
   (make_collapse_seeds.py, five to ten minutes); chapter 10;
 - assets/preference/: a post-training round (rejection sampling, DPO with Meta's formatting
   mask and NLL term, their ablations) from a 100-step SFT of the story model, and qa-lora
-  after DPO (make_preference.py, ten minutes); chapter 07c.
+  after DPO (make_preference.py, ten minutes); chapter 07c;
+- assets/scaling-laws/: an IsoFLOP sweep on the stories, the fitted law and a tested forecast,
+  numbers only (make_scaling.py; its card gives the time); chapter 06c, and the law that
+  `llama3-mini train --max-minutes` sizes its model by.
 
 Each folder holds model.safetensors (float16), config.json, tokenizer.tiktoken, card.json and
 README.md (the card). `--only byte-model` remakes one of them (the fine-tunes start from the
@@ -44,6 +47,7 @@ import make_long_recall  # noqa: E402
 import make_preference  # noqa: E402
 import make_pretraining_lengths  # noqa: E402
 import make_qa_finetunes  # noqa: E402
+import make_scaling  # noqa: E402
 import make_token_rows  # noqa: E402
 
 from llama3_mini.checkpoint import load_model, save_model  # noqa: E402
@@ -147,7 +151,7 @@ def main(argv=None) -> None:
     parser.add_argument("--only", choices=["story-model", "byte-model", "qa-finetunes",
                                            "pretraining-lengths", "long-recall",
                                            "lora-token-rows", "collapse-seeds",
-                                           "preference"],
+                                           "preference", "scaling-laws"],
                         help="remake only this asset (default: both)")
     args = parser.parse_args(argv)
     if args.only != "story-model":
@@ -167,6 +171,8 @@ def main(argv=None) -> None:
         return make_token_rows.main(args.threads)
     if args.only == "preference":
         return make_preference.main(args.threads)
+    if args.only == "scaling-laws":
+        return make_scaling.main(args.threads)
     torch.set_num_threads(args.threads)  # the same arithmetic, so the same weights
     torch.manual_seed(0)
     work = Path(args.out).with_name(".make-assets")
@@ -220,6 +226,7 @@ def main(argv=None) -> None:
     make_long_recall.main(args.threads)
     make_collapse_seeds.main(args.threads)
     make_preference.main(args.threads)  # from the story model and qa-lora
+    make_scaling.main(args.threads)
 
 
 def _print_evals(trainer) -> None:
