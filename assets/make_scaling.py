@@ -43,8 +43,8 @@ N_STORIES, VAL_FRACTION, SEQ_LEN, BATCH, LR = 40_000, 0.0025, 64, 4, 3e-3
 # 4 budgets 10^0.5 apart (31.7x from first to last), 5 widths each around the optimum.
 # Batches of 4 windows of 64 tokens: at these budgets more steps beat longer windows and
 # bigger batches. Pilots: at 2e10 FLOPs dim 16 reached 0.57 bits per byte with 4 x 64 tokens
-# per step, 0.85 with 8 x 64; with 2 x 256 (whole stories in view) the optimum of every budget
-# up to 1.26e11 fell below the family's smallest width. The price of 64-token windows: a name
+# per step, 0.85 with 8 x 64; with 2 x 256 (whole stories in view) the smallest width tried
+# won at 1.26e10, 4e10 and 1.26e11 FLOPs: no minimum to fit. The price of 64-token windows: a name
 # introduced earlier than 64 tokens back is out of view, so the loss levels off above the
 # corpus's entropy (chapter 06c measures by how much).
 PLAN = {1.26e10: [8, 16, 32, 48, 64], 4e10: [8, 16, 32, 48, 64],

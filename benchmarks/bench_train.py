@@ -7,11 +7,15 @@
 3. your own text: bits per byte after 2 minutes (times --minutes), by shape, sequence length,
    batch size, vocabulary and learning rate, on 1 MB of English prose and 1 MB of Python that
    every Python install has; the sweep that chose `llama3-mini train`'s defaults for a text
-   file (llama3_mini.cli.TEXT_DEFAULTS), printed beside the best run of the sweep.
+   file (llama3_mini.cli.TEXT_DEFAULTS), printed beside the best run of the sweep;
+4. sized by the law (`--section sized`): at 1, 2 and 5 minutes on prose and on code, the shape
+   the scaling law picks (as `llama3-mini train --max-minutes` does, chapter 06c) against the
+   best shape of a sweep of the law's family and against TEXT_DEFAULTS' fixed shape.
 
     python benchmarks/bench_train.py                 # everything at full length (~50 min)
     python benchmarks/bench_train.py --minutes 0.3   # shorter runs
-    python benchmarks/bench_train.py --section own-text"""
+    python benchmarks/bench_train.py --section own-text
+    python benchmarks/bench_train.py --section sized --budgets 1 2 --texts prose"""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +37,7 @@ from llama3_mini.cli import TEXT_DEFAULTS  # noqa: E402
 from llama3_mini.config import get_preset, num_params  # noqa: E402
 from llama3_mini.data import prepare_data, sample_text, split_documents  # noqa: E402
 from llama3_mini.model import Transformer  # noqa: E402
+from llama3_mini.scaling import family_shape, load_law, measure_speed, plan_for_minutes  # noqa: E402
 from llama3_mini.stories import entropy_bits_per_byte, make_stories  # noqa: E402
 from llama3_mini.tokenizer import Tokenizer  # noqa: E402
 from llama3_mini.train import TrainConfig, Trainer, evaluate_bpb  # noqa: E402
@@ -181,15 +186,69 @@ def own_text(minutes: float, threads: int) -> None:
               f"{by_run[_label(OLD_DEFAULTS)][0]:.4f}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Sized by the law. The law was fitted on the stories (assets/scaling-laws); here it picks the
+# shape for your own text at TEXT_DEFAULTS' recipe (sequence length, batch, vocabulary, lr),
+# from this machine's speed measured in the same CPU-time clock as the runs. Each budget's
+# sweep trains the family's widths SIZED_DIMS at that recipe; the pick and the defaults run
+# beside them, and the best of all is the sweep's best.
+SIZED_DIMS = (32, 64, 96, 128, 192)
+
+
+def sized(budgets, threads: int, texts: list[str], dims=SIZED_DIMS) -> None:
+    torch.set_num_threads(threads)
+    law = load_law()
+    clock = lambda: time.process_time() / threads  # noqa: E731
+    every = {"prose": english_prose, "code": lambda: sample_text("code", 1_000_000)}
+    rows = []
+    for name in texts:
+        text, tokenizers = every[name](), {}
+        own_text_bpb(text, dict(TEXT_DEFAULTS), 0.01, threads, tokenizers)  # train the tokenizer
+        n_words = tokenizers[TEXT_DEFAULTS["vocab"]].n_words
+        speed = lambda a: measure_speed(a, TEXT_DEFAULTS["seq_len"],  # noqa: E731
+                                        TEXT_DEFAULTS["batch_size"], 2.0, clock=clock)
+        for minutes in budgets:
+            a = plan_for_minutes(minutes, law, speed, n_words, TEXT_DEFAULTS["seq_len"])["args"]
+            shape = lambda a: dict(dim=a.dim, n_layers=a.n_layers,  # noqa: E731
+                                   n_heads=a.n_heads, n_kv_heads=a.kv_heads)
+            runs = {"law": shape(a), "defaults": TEXT_DEFAULTS["shape"]}
+            runs |= {f"dim {d}": shape(family_shape(d, n_words)) for d in dims if d != a.dim}
+            bpb = {k: own_text_bpb(text, dict(TEXT_DEFAULTS, shape=v), minutes, threads,
+                                   tokenizers)[0] for k, v in runs.items()}
+            best = min(bpb, key=bpb.get)
+            rows.append((name, minutes, a.dim, bpb["law"], best, bpb[best], bpb["defaults"]))
+            print(f"  {name}, {minutes:g} min: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                            bpb.items()), flush=True)
+    print(f"\nSized by the law ({threads} thread(s), CPU-time budgets; sweep: the law's pick, "
+          f"TEXT_DEFAULTS' shape and widths {', '.join(map(str, dims))})")
+    print("| text | minutes | law's pick | its bits/byte | sweep's best | its bits/byte | "
+          "defaults' bits/byte | pick / best | pick / defaults |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, minutes, dim, law_bpb, best, best_bpb, default_bpb in rows:
+        print(f"| {name} | {minutes:g} | dim {dim} | {law_bpb:.4f} | {best} | {best_bpb:.4f} | "
+              f"{default_bpb:.4f} | {law_bpb / best_bpb:.3f} | {law_bpb / default_bpb:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--minutes", type=float, default=1.0, help="scale of 5 and 10 minutes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--throughput-steps", type=int, default=6)
-    parser.add_argument("--section", choices=["throughput", "stories", "own-text"], default=None,
-                        help="run one section (default: all three)")
+    parser.add_argument("--section", choices=["throughput", "stories", "own-text", "sized"],
+                        default=None, help="run one section (default: all four)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 2.0, 5.0],
+                        help="minutes of the sized section")
+    parser.add_argument("--texts", nargs="+", default=["prose", "code"],
+                        choices=["prose", "code"], help="texts of the sized section")
+    parser.add_argument("--dims", type=int, nargs="+", default=list(SIZED_DIMS),
+                        help="the sized section's sweep: the family's widths")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.section in (None, "sized"):
+        sized(args.budgets, args.threads, args.texts, args.dims)
+        torch.set_num_threads(args.threads)
+        if args.section:
+            return
     if args.section in (None, "own-text"):
         own_text(2 * args.minutes, threads=2)  # the learner's case: 2 cores
         torch.set_num_threads(args.threads)
