@@ -296,8 +296,8 @@ def describe_plan(plan: dict, minutes: float, law: ScalingLaw, own_text: bool) -
     text = (f"sized for {minutes:g} min: this machine trains {plan['flops_per_second']:.3g} "
             f"FLOPs/s, so {plan['flops']:.3g} FLOPs; the scaling law N*(C) = "
             f"{law.a_params:.3g} C^{law.alpha_params:.3f} picks dim {a.dim}, {a.n_layers} "
-            f"layers, {a.n_heads}/{a.kv_heads} heads ({plan['params']:,} non-embedding "
-            f"parameters) on about {plan['tokens']:,} tokens")
+            f"layer{'s' * (a.n_layers > 1)}, {a.n_heads}/{a.kv_heads} heads "
+            f"({plan['params']:,} non-embedding parameters) on about {plan['tokens']:,} tokens")
     if own_text:
         return text + (" (the law was fitted on the story corpus and is assumed to transfer "
                        "to your text; its loss there is not predicted)")

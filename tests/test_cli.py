@@ -225,7 +225,7 @@ def test_a_time_budget_without_a_shape_is_sized_by_the_scaling_law(tmp_path, cap
     out = capsys.readouterr().out
     expected, _ = scaling.shape_for_budget(0.01 * 60 * 1e9, law, Tokenizer.load(tok).n_words)
     assert "sized for 0.01 min: this machine trains 1e+09 FLOPs/s, so 6e+08 FLOPs" in out
-    assert f"picks dim {expected.dim}, {expected.n_layers} layers" in out
+    assert f"picks dim {expected.dim}, {expected.n_layers} layer" in out
     assert f"predicted {law.loss_for(6e8):.3f} bits per byte" in out
     config = json.loads((latest_checkpoint(tmp_path / "a") / "config.json").read_text())
     assert config["model_args"]["dim"] == expected.dim
