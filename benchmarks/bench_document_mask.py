@@ -23,8 +23,21 @@ loss at positions 1,024 to 2,048 of long rows of packed stories without the mask
 of chapter 08's name-recall probes (one document each, 500, 1,000 and 1,500 tokens from the
 name to the query) answered right.
 
-    nice -n 10 python benchmarks/bench_document_mask.py                 # 3 seeds (~10 CPU min)
-    nice -n 10 python benchmarks/bench_document_mask.py --seeds 2 --pretrain-steps 100"""
+    nice -n 10 python benchmarks/bench_document_mask.py                 # 3 seeds, ~15 CPU min
+    nice -n 10 python benchmarks/bench_document_mask.py --section continue --seeds 2
+
+Measured (seeds 0-2, torch 2.13 CPU, one thread; 842 s user + 41 s sys, 27 min wall at nice 10
+on a shared 2-core machine). Bits per byte of held-out stories, each alone, mean ± sd, and the
+mask's paired difference (on - off); the entropy floor is 0.170 (1) and 0.168 (2, 3):
+  1. pre-training, 150 steps:      off 0.3215 ± 0.0034, on 0.3158 ± 0.0015, -0.0057 ± 0.0019
+  2. continued on stories, 16:     off 0.1865 ± 0.0009, on 0.1819 ± 0.0002, -0.0046 ± 0.0008
+  3. long documents mixed in, 24:  off 0.1947 ± 0.0022, on 0.1876 ± 0.0006, -0.0071 ± 0.0018
+Every seed gains. Over the floor, the mask takes 4% off the excess in pre-training but 25% and
+27% in continued training at 2,048: Meta's finding, at our scale. Scored on packed rows
+without the mask, a model trained with it is far worse (packed bpb +0.08, +0.12, +0.09; late
+loss +0.55 and +0.38 nats), while one trained without scores the same alone or packed
+(0.3215, 0.3211): it learned to ignore the stories before. Name recall stayed low
+(at most 8 of 32; none after the long documents) either way: it tells nothing here."""
 from __future__ import annotations
 
 import argparse
