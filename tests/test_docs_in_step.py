@@ -117,6 +117,14 @@ TEACHING = [
     ("06a", "`check_lr_schedule`, 31 cases", ["lr_schedule: right on all 31 cases"]),
     ("06a", "Why can no model beat the floor (about 0.17 bits per byte here)?",
      [Near(r"floor (0\.\d+)\)", 0.17, 2)]),
+    ("06a", "every sample uses more than two names",
+     ["more than two names: 100%; the thing changes colour:"]),
+    ("06a", "changes the thing's colour in 67% of its samples, most of why only 33% are "
+     "grammatical",
+     ["more than two names: 3%; the thing changes colour: 67%; grammatical: 33% of 30"]),
+    ("06b", "it pays 64% on prose and 77% on code",
+     [Near(r"held-out prose .*the model pays (\d+)%", 64),
+      Near(r"Python code .*the model pays (\d+)%", 77)]),
     ("06a", "Llama 3 8B saw about 1,870 tokens per parameter",
      [Near(r"Llama 3 8B: +([\d.]+) tokens", 1870, -1)]),
     ("07a", "LoRA rank 16 forgot more than full fine-tuning (story bits per byte 1.972 against "
