@@ -23,7 +23,10 @@
   after DPO (make_preference.py, ten minutes); chapter 07c;
 - assets/scaling-laws/: an IsoFLOP sweep on the stories, the fitted law and a tested forecast,
   numbers only (make_scaling.py; its card gives the time); chapter 06c, and the law that
-  `llama3-mini train --max-minutes` sizes its model by.
+  `llama3-mini train --max-minutes` sizes its model by;
+- assets/document-mask/: Llama 3's document mask, training with and without it at equal steps
+  in pre-training and in chapter 08's continued training at 2,048 tokens, numbers only
+  (make_document_mask.py, about fifteen minutes); chapter 08.
 
 Each folder holds model.safetensors (float16), config.json, tokenizer.tiktoken, card.json and
 README.md (the card). `--only byte-model` remakes one of them (the fine-tunes start from the
@@ -43,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import make_collapse_seeds  # noqa: E402  (beside this file)
+import make_document_mask  # noqa: E402
 import make_long_recall  # noqa: E402
 import make_preference  # noqa: E402
 import make_pretraining_lengths  # noqa: E402
@@ -151,7 +155,7 @@ def main(argv=None) -> None:
     parser.add_argument("--only", choices=["story-model", "byte-model", "qa-finetunes",
                                            "pretraining-lengths", "long-recall",
                                            "lora-token-rows", "collapse-seeds",
-                                           "preference", "scaling-laws"],
+                                           "preference", "scaling-laws", "document-mask"],
                         help="remake only this asset (default: both)")
     args = parser.parse_args(argv)
     if args.only != "story-model":
@@ -173,6 +177,9 @@ def main(argv=None) -> None:
         return make_preference.main(args.threads)
     if args.only == "scaling-laws":
         return make_scaling.main(args.threads)
+    if args.only == "document-mask":
+        make_document_mask.main(args.threads)
+        return
     torch.set_num_threads(args.threads)  # the same arithmetic, so the same weights
     torch.manual_seed(0)
     work = Path(args.out).with_name(".make-assets")
@@ -227,6 +234,7 @@ def main(argv=None) -> None:
     make_collapse_seeds.main(args.threads)
     make_preference.main(args.threads)  # from the story model and qa-lora
     make_scaling.main(args.threads)
+    make_document_mask.main(args.threads)  # from the story model
 
 
 def _print_evals(trainer) -> None:

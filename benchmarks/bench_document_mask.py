@@ -26,6 +26,10 @@ name to the query) answered right.
     nice -n 10 python benchmarks/bench_document_mask.py                 # 3 seeds, ~15 CPU min
     nice -n 10 python benchmarks/bench_document_mask.py --section continue --seeds 2
 
+The experiments' functions live in assets/make_document_mask.py, which `make assets` runs to
+store the same runs (per seed, every score) in assets/document-mask/card.json for notebook 08;
+this script prints them as tables and takes other step counts.
+
 Measured (seeds 0-2, torch 2.13 CPU, one thread; 842 s user + 41 s sys, 27 min wall at nice 10
 on a shared 2-core machine). Bits per byte of held-out stories, each alone, mean ± sd, and the
 mask's paired difference (on - off); the entropy floor is 0.170 (1) and 0.168 (2, 3):
@@ -41,7 +45,6 @@ loss +0.55 and +0.38 nats), while one trained without scores the same alone or p
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -53,65 +56,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "assets"))
 
-from make_assets import SEQ_LEN, model_args  # noqa: E402
+from make_document_mask import LONG, SEQ_LEN, STEPS, continued, pretrain, scores, setup  # noqa: E402
 
 from llama3_mini.checkpoint import load_pretrained  # noqa: E402
-from llama3_mini.data import prepare_data, split_documents, story_data  # noqa: E402
-from llama3_mini.long_context import (  # noqa: E402
-    loss_by_position,
-    name_recall_probe,
-    recall_accuracy,
-    story_rows,
-    with_context,
-)
-from llama3_mini.model import Transformer  # noqa: E402
-from llama3_mini.stories import make_stories  # noqa: E402
-from llama3_mini.train import TrainConfig, Trainer, evaluate_bpb  # noqa: E402
-
-LONG = 8 * SEQ_LEN  # 2,048 tokens, as chapter 08
-
-
-def scores(model, data, probes=None) -> dict:
-    """Held-out bits per byte with each story alone and packed; with probes (late rows and
-    recall prompts) the late loss and the recall."""
-    out = {"alone_bpb": evaluate_bpb(model, data.val_rows, data.token_bytes,
-                                     doc_ids=data.val_doc_ids)["val_bpb"],
-           "packed_bpb": evaluate_bpb(model, data.val_rows, data.token_bytes)["val_bpb"]}
-    if probes is not None:
-        late_rows, recall = probes
-        out["late_loss"] = loss_by_position(model, late_rows)[LONG // 2:].mean().item()
-        for distance, probe in recall.items():
-            out[f"recall@{distance}"] = recall_accuracy(model, *probe)
-    return out
-
-
-def long_documents(tokenizer, n: int, seed: int = 2000) -> list[str]:
-    """n texts that carry a name far: chapter 08's probe documents, seeds unlike its probes'."""
-    rng, texts = random.Random(seed), []
-    for i in range(n // 4):
-        tokens, query, answer = name_recall_probe(tokenizer, rng.randint(300, 1800), n=4,
-                                                  seed=seed + i)
-        for r in range(4):  # without its <|begin_of_text|>, which packing puts back
-            texts.append(tokenizer.decode(tokens[r, 1:query[r] + 1].tolist() + [answer[r]]))
-    return texts
-
-
-def pretrain(data, seed: int, mask: bool, steps: int) -> dict:
-    torch.manual_seed(seed)
-    model = Transformer(model_args(len(data.token_bytes)))
-    cfg = TrainConfig(steps=steps, batch_size=16, seq_len=SEQ_LEN, lr=3e-3, min_lr=3e-4,
-                      warmup_steps=min(30, steps // 5), eval_every=0, seed=seed,
-                      document_mask=mask)
-    Trainer(model, data, cfg, device="cpu").fit(progress=False)
-    return scores(model, data)
-
-
-def continued(data, pretrained, seed: int, mask: bool, steps: int, probes) -> dict:
-    model = with_context(pretrained, LONG, scaling_factor=8.0, original_max_seq_len=SEQ_LEN)
-    cfg = TrainConfig(steps=steps, batch_size=2, seq_len=LONG, lr=5e-4, min_lr=5e-5,
-                      warmup_steps=5, eval_every=0, seed=seed, document_mask=mask)
-    Trainer(model, data, cfg, device="cpu").fit(progress=False)
-    return scores(model, data, probes)
+from llama3_mini.long_context import with_context  # noqa: E402
 
 
 def table(name: str, runs: dict, seeds: list[int]) -> None:
@@ -132,9 +80,9 @@ def table(name: str, runs: dict, seeds: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--pretrain-steps", type=int, default=150)
-    parser.add_argument("--continue-steps", type=int, default=16)
-    parser.add_argument("--long-steps", type=int, default=24)
+    parser.add_argument("--pretrain-steps", type=int, default=STEPS["pretrain"])
+    parser.add_argument("--continue-steps", type=int, default=STEPS["continue"])
+    parser.add_argument("--long-steps", type=int, default=STEPS["long"])
     parser.add_argument("--section", choices=["all", "pretrain", "continue", "long"],
                         default="all")
     opts = parser.parse_args()
@@ -144,39 +92,32 @@ def main() -> None:
     seeds = list(range(opts.seeds))
     pretrained, tokenizer = load_pretrained(device="cpu")
     pretrained.float()
+    data = setup(tokenizer)
     jobs = [(s, m) for s in seeds for m in (False, True)]
     if opts.section in ("all", "pretrain"):
         start, runs = time.perf_counter(), {False: [], True: []}
-        data = story_data(tokenizer, n_stories=4000, seq_len=SEQ_LEN, seed=0)
         for seed, mask in tqdm(jobs, desc="pre-training"):
-            runs[mask].append(pretrain(data, seed, mask, opts.pretrain_steps))
+            runs[mask].append(pretrain(data["pretrain"], pretrained.params, seed, mask,
+                                       opts.pretrain_steps))
         table(f"1. pre-training from scratch, {opts.pretrain_steps} steps x 16 x {SEQ_LEN} "
               f"tokens ({time.perf_counter() - start:.0f} s)", runs, seeds)
     if opts.section == "pretrain":
         return
-    probes = (story_rows(tokenizer, 6, LONG, seed=5),
-              {d: name_recall_probe(tokenizer, d, n=32, seed=0) for d in (500, 1000, 1500)})
-    stories = story_data(tokenizer, n_stories=800, seq_len=LONG, seed=3)  # fresh stories
-    base = scores(with_context(pretrained, LONG, 8.0, SEQ_LEN), stories, probes)
+    base = scores(with_context(pretrained, LONG, 8.0, SEQ_LEN), data["continue"],
+                  data["probes"])
     print("\nthe stretched story model before continued training: "
           + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
-    short = [s.text for s in split_documents(make_stories(800, seed=3), 0.05)[0]]
-    long = long_documents(tokenizer, 60)
-    n_long, n_short = (sum(len(tokenizer.encode(t)) for t in texts) for texts in (long, short))
-    print(f"section 3: {len(long)} long documents, {n_long / (n_long + n_short):.0%} of tokens")
-    mixed = short + long
-    random.Random(0).shuffle(mixed)
-    with_long = prepare_data(mixed, tokenizer, seq_len=LONG)
-    with_long.val_rows, with_long.val_doc_ids = stories.val_rows, stories.val_doc_ids
-    sections = [("continue", "2. continued training on stories", stories, opts.continue_steps),
-                ("long", "3. continued training, long documents mixed in", with_long,
-                 opts.long_steps)]
-    for key, name, data, steps in sections:
+    print(f"section 3: {data['long_documents']} long documents, "
+          f"{data['long_token_share']:.0%} of tokens")
+    sections = [("continue", "2. continued training on stories", opts.continue_steps),
+                ("long", "3. continued training, long documents mixed in", opts.long_steps)]
+    for key, name, steps in sections:
         if opts.section not in ("all", key):
             continue
         start, runs = time.perf_counter(), {False: [], True: []}
         for seed, mask in tqdm(jobs, desc=key):
-            runs[mask].append(continued(data, pretrained, seed, mask, steps, probes))
+            runs[mask].append(continued(data[key], pretrained, seed, mask, steps,
+                                        data["probes"]))
         table(f"{name} at {LONG} tokens, {steps} steps x 2 x {LONG} tokens "
               f"({time.perf_counter() - start:.0f} s)", runs, seeds)
 
