@@ -68,6 +68,13 @@ def _add_corpus_args(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the stories and the weights")
 
 
+def _add_model_args(p, default: str, which: str) -> None:
+    p.add_argument("--checkpoint", default=None,
+                   help="a checkpoint or training folder (default: a pretrained model)")
+    p.add_argument("--model", default=default,
+                   help=f"the pretrained model to use without --checkpoint: {which}")
+
+
 def _train_tokenizer(docs, vocab_size, out, progress=True):
     from .tokenizer import Tokenizer
 
@@ -135,7 +142,7 @@ def cmd_train(args) -> None:
     import torch
 
     from .config import get_preset
-    from .data import prepare_data, split_documents
+    from .data import prepare_data, require_windows, split_documents
     from .model import Transformer
     from .stories import entropy_bits_per_byte
     from .tokenizer import Tokenizer
@@ -173,15 +180,8 @@ def cmd_train(args) -> None:
     token_file = out_dir / f"train.rank{os.environ.get('RANK', '0')}.bin"
     data = prepare_data(docs, tokenizer, args.seq_len, args.val_fraction, token_file=token_file,
                         floor=floor, progress=not args.quiet)
-    n = len(data.train)
-    if n < args.seq_len + 2:  # a training window is seq_len + 1 tokens at a random offset
-        shorter = 2 ** (((n - 2) // 2).bit_length() - 1) if n >= 4 else None
-        raise ValueError(
-            f"{args.corpus} is too short for sequences of {args.seq_len} tokens: it is "
-            f"{sum(len(d.encode()) for d in docs):,} bytes, and once the last "
-            f"{args.val_fraction:.0%} is kept for validation, {n} tokens are left to train on, "
-            f"where one training sequence needs {args.seq_len + 2}. Give a longer text"
-            + (f", or shorter sequences: --seq-len {shorter}" if shorter else ""))
+    require_windows(len(data.train), args.seq_len, args.corpus,
+                    sum(len(d.encode()) for d in docs), args.val_fraction)
     changes = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads")
                if getattr(args, k) is not None}
     margs = get_preset(args.preset).replace(vocab_size=tokenizer.n_words, **changes)
@@ -256,13 +256,10 @@ def cmd_chat(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    try:
-        from .serve import serve
+    from .serve import serve  # an ImportError says which extra to install (main prints it)
 
-        serve(args.checkpoint, host=args.host, port=args.port, model_id=args.model_id,
-              device=args.device)
-    except ImportError as e:
-        raise SystemExit(f"error: {e}") from None
+    serve(args.checkpoint, host=args.host, port=args.port, model_id=args.model_id,
+          device=args.device)
 
 
 def cmd_export(args) -> None:
@@ -271,11 +268,8 @@ def cmd_export(args) -> None:
     if args.format == "gguf":
         from .gguf_export import export_gguf
 
-        try:
-            out = export_gguf(args.checkpoint, args.out_dir, dtype=args.dtype or "f16",
-                              progress=not args.quiet)
-        except ImportError as e:
-            raise SystemExit(f"error: {e}") from None
+        out = export_gguf(args.checkpoint, args.out_dir, dtype=args.dtype or "f16",
+                          progress=not args.quiet)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): run it with llama.cpp "
               f"(llama-cli -m {out}) or Ollama (a Modelfile with FROM {out})")
         return
@@ -351,11 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint")
-    p.add_argument("--checkpoint", default=None,
-                   help="a checkpoint or training folder (default: a pretrained model)")
-    p.add_argument("--model", default="story-model",
-                   help="the pretrained model to use without --checkpoint: story-model "
-                        "(default) or byte-model")
+    _add_model_args(p, "story-model", "story-model (default) or byte-model")
     p.add_argument("--prompt", default="Once upon a time")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--num-samples", type=int, default=1)
@@ -389,11 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("chat", help="talk to a model in the terminal (Llama 3's chat format)")
-    p.add_argument("--checkpoint", default=None,
-                   help="a checkpoint or training folder (default: a pretrained model)")
-    p.add_argument("--model", default="qa-full",
-                   help="the pretrained model to use without --checkpoint (default qa-full: "
-                        "it answers questions about a story given in your message)")
+    _add_model_args(p, "qa-full", "qa-full (default: it answers questions about a story "
+                                  "given in your message), or any of `load_pretrained`'s")
     p.add_argument("--system", default=None, help="a system prompt (default: none)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling's p")
@@ -420,7 +407,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:  # ImportError: a missing extra
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

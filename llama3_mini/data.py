@@ -209,6 +209,20 @@ def prepare_data(docs: list[str], tokenizer, seq_len: int, val_fraction: float =
                      document_starts(train), val_doc_ids)
 
 
+def require_windows(n_tokens: int, seq_len: int, name: str, n_bytes: int,
+                    val_fraction: float) -> None:
+    """Raise a ValueError that says what to do when a training stream of `n_tokens` cannot
+    hold one window of seq_len + 1 tokens (batch_at's), suggesting a shorter --seq-len."""
+    if n_tokens >= seq_len + 1:
+        return
+    shorter = 2 ** (((n_tokens - 2) // 2).bit_length() - 1) if n_tokens >= 4 else None
+    raise ValueError(
+        f"{name} is too short for sequences of {seq_len} tokens: it is {n_bytes:,} bytes, and "
+        f"once the last {val_fraction:.0%} is kept for validation, {n_tokens} tokens are left "
+        f"to train on, where one training sequence needs {seq_len + 1}. Give a longer text"
+        + (f", or shorter sequences: --seq-len {shorter}" if shorter else ""))
+
+
 def story_data(tokenizer, n_stories: int = 4000, seq_len: int = 256, seed: int = 0,
                val_fraction: float = 0.05, token_file=None, progress: bool = False) -> TokenData:
     """The story corpus as TokenData, with the validation stories' exact entropy as floor."""

@@ -162,7 +162,7 @@ def test_bad_input_gets_a_clear_message_not_a_traceback(tmp_path, capsys):
     err = fails("train", "--corpus", str(tmp_path / "short.txt"), "--seq-len", "512")
     assert "short.txt is too short for sequences of 512 tokens" in err
     assert " bytes, and once the last 5% is kept for validation, " in err
-    assert "tokens are left to train on, where one training sequence needs 514" in err
+    assert "tokens are left to train on, where one training sequence needs 513" in err
     assert "shorter sequences: --seq-len " in err
     shorter = int(err.rsplit("--seq-len ", 1)[1])
     assert main(["train", "--corpus", str(tmp_path / "short.txt"), "--seq-len", str(shorter),
