@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -121,35 +120,19 @@ def _train_defaults(args) -> None:
     mark.write_text(corpus + "\n")
 
 
-def _budget_law(args):
-    """The scaling law that sizes the model when --max-minutes comes with no shape (--preset,
-    --dim, --n-layers, --n-heads, --n-kv-heads), or None; on the stories its recipe (sequence
-    length, batch, learning rate) fills the flags left out."""
-    shape = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads")
-    if (args.max_minutes is None or any(getattr(args, k) is not None for k in shape)
-            or int(os.environ.get("WORLD_SIZE", "1")) > 1):  # torchrun: one shape for all
-        return None
-    from .scaling import load_law
-
-    law = load_law(missing_ok=True)
-    for flag in ("seq_len", "batch_size", "lr") if law and args.corpus == "stories" else ():
-        if getattr(args, flag) is None:
-            setattr(args, flag, getattr(law, flag))
-    return law
-
-
 def cmd_train(args) -> None:
     import torch
 
     from .config import get_preset
     from .data import prepare_data, require_windows, split_documents
     from .model import Transformer
+    from .scaling import law_for_train
     from .stories import entropy_bits_per_byte
     from .tokenizer import Tokenizer
     from .train import TrainConfig, Trainer
 
     docs, stories = _corpus(args)
-    law = _budget_law(args)
+    law = law_for_train(args)
     _train_defaults(args)
     out_dir = args.out_dir
     if args.tokenizer:
@@ -174,9 +157,8 @@ def cmd_train(args) -> None:
             args.device, own_text=stories is None)
         args.dim, args.n_layers, args.n_heads, args.n_kv_heads = (a.dim, a.n_layers, a.n_heads,
                                                                   a.kv_heads)
-    floor = None
-    if stories is not None:
-        floor = entropy_bits_per_byte(split_documents(stories, args.val_fraction)[1])
+    floor = (entropy_bits_per_byte(split_documents(stories, args.val_fraction)[1])
+             if stories is not None else None)
     token_file = out_dir / f"train.rank{os.environ.get('RANK', '0')}.bin"
     data = prepare_data(docs, tokenizer, args.seq_len, args.val_fraction, token_file=token_file,
                         floor=floor, progress=not args.quiet)
@@ -201,13 +183,7 @@ def cmd_train(args) -> None:
         print(f"resuming from {trainer.last_checkpoint} (step {trainer.step})")
     history = trainer.fit(progress=not args.quiet)
     if trainer.rank == 0:
-        last = {"step": trainer.step, "loss": math.nan, "lr": math.nan,
-                **(history[-1] if history else {})}
-        floor_text = f" (floor {floor:.4f})" if floor is not None else ""
-        print(f"step {last['step']}: loss {last['loss']:.4f}, validation "
-              f"{last.get('val_bpb', float('nan')):.4f} bits per byte{floor_text}; "
-              f"final learning rate {last['lr']:.2e} after {trainer.seconds / 60:.2f} minutes "
-              f"of training; checkpoint {trainer.last_checkpoint}")
+        print(trainer.summary(history))
 
 
 def _load(args):
@@ -263,8 +239,6 @@ def cmd_serve(args) -> None:
 
 
 def cmd_export(args) -> None:
-    import torch
-
     if args.format == "gguf":
         from .gguf_export import export_gguf
 
@@ -275,11 +249,7 @@ def cmd_export(args) -> None:
         return
     from .hub import export_hf
 
-    dtype = args.dtype or "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"--dtype {dtype} is for --format gguf; a Hugging Face folder takes "
-                         "float32, bfloat16 or float16")
-    out = export_hf(args.checkpoint, args.out_dir, dtype=getattr(torch, dtype))
+    out = export_hf(args.checkpoint, args.out_dir, dtype=args.dtype or "float32")
     print(f"wrote {out}: load it with transformers' LlamaForCausalLM.from_pretrained({str(out)!r})"
           " and AutoTokenizer.from_pretrained(...)")
 

@@ -292,7 +292,13 @@ def save_hf(model: Transformer, folder, tokenizer=None, dtype=None) -> Path:
 
 def export_hf(checkpoint, out_dir, dtype=None) -> Path:
     """A course checkpoint (or a training run's folder: its newest checkpoint) -> a Hugging
-    Face folder (`save_hf`); what `llama3-mini export CHECKPOINT OUT_DIR` does."""
+    Face folder (`save_hf`); what `llama3-mini export CHECKPOINT OUT_DIR` does. dtype: a torch
+    dtype or its name ("float32", "bfloat16", "float16")."""
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype {dtype} is not for a Hugging Face folder: float32, bfloat16 "
+                             "or float16 (the GGUF types are for --format gguf)")
+        dtype = getattr(torch, dtype)
     model, tokenizer, _ = load_checkpoint(checkpoint, device="cpu")
     return save_hf(model, out_dir, tokenizer, dtype)
 

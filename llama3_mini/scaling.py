@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -287,6 +288,22 @@ def load_law(path=None, floor_guessed: bool = False, missing_ok: bool = False):
                                 "make_scaling.py), or give the model's shape (--dim ...)")
     return ScalingLaw(**json.loads(card.read_text())["law_floor_guessed" if floor_guessed
                                                        else "law"])
+
+
+def law_for_train(args):
+    """`llama3-mini train`'s parsed flags -> the scaling law that sizes the model when
+    --max-minutes comes with no shape (--preset, --dim, --n-layers, --n-heads, --n-kv-heads),
+    or None; on the stories its recipe (sequence length, batch, learning rate) fills the flags
+    left out."""
+    shape = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads")
+    if (args.max_minutes is None or any(getattr(args, k) is not None for k in shape)
+            or int(os.environ.get("WORLD_SIZE", "1")) > 1):  # torchrun: one shape for all
+        return None
+    law = load_law(missing_ok=True)
+    for flag in ("seq_len", "batch_size", "lr") if law and args.corpus == "stories" else ():
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(law, flag))
+    return law
 
 
 def describe_plan(plan: dict, minutes: float, law: ScalingLaw, own_text: bool) -> str:

@@ -357,6 +357,17 @@ class Trainer:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def summary(self, history: list[dict]) -> str:
+        """One line after `fit`: the last step's loss, validation bits per byte (and the floor,
+        when the corpus has one), final learning rate, minutes and checkpoint."""
+        last = {"step": self.step, "loss": math.nan, "lr": math.nan, **(history[-1] if history
+                                                                          else {})}
+        floor = f" (floor {self.data.floor:.4f})" if self.data.floor is not None else ""
+        return (f"step {last['step']}: loss {last['loss']:.4f}, validation "
+                f"{last.get('val_bpb', math.nan):.4f} bits per byte{floor}; final learning rate "
+                f"{last['lr']:.2e} after {self.seconds / 60:.2f} minutes of training; "
+                f"checkpoint {self.last_checkpoint}")
+
     def fit(self, progress: bool = True, callback=None) -> list[dict]:
         """Train to cfg.steps or through cfg.max_minutes of training time, evaluating and
         saving on schedule. callback(trainer) runs after every step (a live plot, say)."""
