@@ -80,7 +80,7 @@ site: $(STAMP)
 # The course's pretrained assets, deterministically, on one CPU thread (about an hour in all):
 # the story model and the byte-level model, then what starts from them (chapter 07's long
 # fine-tunes and pre-training lengths, chapter 07c's preference round, chapter 08's
-# long-context fine-tune, chapter 10's mixtures). Notebooks load them with load_pretrained();
+# long-context fine-tune and document-mask runs, chapter 10's mixtures). Notebooks load them;
 # each folder's card says how it was made. `$(PY) assets/make_assets.py --only <name>` remakes
 # one.
 assets: $(STAMP)
