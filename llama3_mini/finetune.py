@@ -103,16 +103,14 @@ def sft_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
-def finetune(model, encoded: list[tuple[list[int], int]], steps: int = 100,
-             batch_size: int = 8, lr: float = 1e-3, warmup: int = 10, seed: int = 0,
-             device=None, progress: bool = True) -> dict:
-    """Train whatever parameters of the model require grad (all of them for full
-    fine-tuning; the adapters alone after `add_lora`) on random batches of examples, with
-    the Trainer's AdamW (`make_optimizer`, without weight decay: it would pull the pretrained
-    weights towards zero) and schedule (`lr_at`: `warmup` steps up to `lr`, then a cosine
-    down to lr / 10), gradients clipped at norm 1. Returns the losses, the seconds taken and
-    the number of trainable parameters."""
-    device = model_device(model, device)  # the model's own: it is never moved
+def fit_examples(model, examples: list, loss_of, steps: int, batch_size: int, lr: float,
+                 warmup: int, seed: int, progress: bool = True, desc: str = "fine-tuning"):
+    """The loop that `finetune` and `preference.train_dpo` share: `steps` random batches of
+    `examples` (at most batch_size each), `loss_of(batch) -> (loss, record)`, training whatever
+    parameters of the model require grad with the Trainer's AdamW (`make_optimizer`, without
+    weight decay: it would pull the pretrained weights towards zero) and schedule (`lr_at`:
+    `warmup` steps up to `lr`, then a cosine down to lr / 10), gradients clipped at norm 1.
+    Returns (each step's record, the seconds taken, the number of trainable parameters)."""
     with in_mode(model, True):  # train mode for the loop, the caller's mode after it
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -120,20 +118,36 @@ def finetune(model, encoded: list[tuple[list[int], int]], steps: int = 100,
         cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, min_lr=lr / 10,
                           warmup_steps=warmup, weight_decay=0.0, seed=seed)
         opt = make_optimizer(model, cfg)
-        rng = random.Random(seed)
-        losses, start = [], time.perf_counter()
-        for step in tqdm(range(steps), disable=not progress, desc="fine-tuning"):
+        rng, records, start = random.Random(seed), [], time.perf_counter()
+        for step in tqdm(range(steps), disable=not progress, desc=desc):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr)
-            inputs, targets = make_batch(rng.sample(encoded, min(batch_size, len(encoded))))
-            loss = sft_loss(model, inputs.to(device), targets.to(device))
+            loss, record = loss_of(rng.sample(examples, min(batch_size, len(examples))))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
-            losses.append(loss.item())
-    return {"losses": losses, "seconds": time.perf_counter() - start,
-            "trainable": sum(p.numel() for p in params)}
+            records.append(record)
+    return records, time.perf_counter() - start, sum(p.numel() for p in params)
+
+
+def finetune(model, encoded: list[tuple[list[int], int]], steps: int = 100,
+             batch_size: int = 8, lr: float = 1e-3, warmup: int = 10, seed: int = 0,
+             device=None, progress: bool = True) -> dict:
+    """Supervised fine-tuning on random batches of encoded examples, the loss on the
+    replies alone (`sft_loss`), in `fit_examples`' loop: every parameter for full
+    fine-tuning, the adapters alone after `add_lora`. Returns the losses, the seconds taken
+    and the number of trainable parameters."""
+    device = model_device(model, device)  # the model's own: it is never moved
+
+    def loss_of(batch):
+        inputs, targets = make_batch(batch)
+        loss = sft_loss(model, inputs.to(device), targets.to(device))
+        return loss, loss.item()
+
+    losses, seconds, trainable = fit_examples(model, encoded, loss_of, steps, batch_size, lr,
+                                              warmup, seed, progress)
+    return {"losses": losses, "seconds": seconds, "trainable": trainable}
 
 
 def answer(model, tokenizer, chat, examples: list[Example], max_new_tokens: int = 20,

@@ -21,16 +21,15 @@ import dataclasses
 import math
 import random
 import re
-import time
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .finetune import ANSWERS, IGNORE, Example, encode_example, make_batch
+from .finetune import ANSWERS, IGNORE, Example, encode_example, fit_examples, make_batch
 from .generate import generate
 from .model import in_mode, model_device
-from .train import TrainConfig, evaluate_bpb, lr_at, make_optimizer
+from .train import evaluate_bpb
 
 # "The Llama 3 Herd of Models", section 4.1.4: DPO at learning rate 1e-5, beta 0.1, and an
 # NLL term with coefficient 0.2 on the chosen sequences.
@@ -191,26 +190,14 @@ def train_dpo(policy, pairs: list, tokenizer, chat, steps: int = 100, batch_size
         raise ValueError("no pairs: sample more replies per prompt (k) or at a higher "
                          "temperature, so some prompts get both a right and a wrong reply")
     first_special = tokenizer.n_ranks if mask_format else None
-    with in_mode(policy, True):
-        params = [p for p in policy.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("no parameter requires grad: nothing to train")
-        cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, min_lr=lr / 10,
-                          warmup_steps=warmup, weight_decay=0.0, seed=seed)
-        opt = make_optimizer(policy, cfg)
-        rng, history, start = random.Random(seed), [], time.perf_counter()
-        for step in tqdm(range(steps), disable=not progress, desc="DPO"):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr)
-            batch = rng.sample(encoded, min(batch_size, len(encoded)))
-            loss, stats = preference_loss(policy, reference, [c for c, _ in batch],
-                                          [r for _, r in batch], beta, nll, first_special)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            history.append(stats)
-    return {"history": history, "seconds": time.perf_counter() - start}
+
+    def loss_of(batch):
+        return preference_loss(policy, reference, [c for c, _ in batch], [r for _, r in batch],
+                               beta, nll, first_special)
+
+    history, seconds, _ = fit_examples(policy, encoded, loss_of, steps, batch_size, lr, warmup,
+                                       seed, progress, "DPO")
+    return {"history": history, "seconds": seconds}
 
 
 # --- Measures: answers, confidence, forgetting, endings ------------------------------------
