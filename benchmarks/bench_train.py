@@ -191,11 +191,16 @@ def own_text(minutes: float, threads: int) -> None:
 # shape for your own text at TEXT_DEFAULTS' recipe (sequence length, batch, vocabulary, lr),
 # from this machine's speed measured in the same CPU-time clock as the runs. Each budget's
 # sweep trains the family's widths SIZED_DIMS at that recipe; the pick and the defaults run
-# beside them, and the best of all is the sweep's best. Measured so far (one thread, CPU-time
-# minutes, a shared machine; sweep widths 32, 64, 128 only; 5 minutes and code at 2 not run):
+# beside them, and the best of all is the sweep's best. Measured (one thread, CPU-time
+# minutes, a shared machine; sweep widths 32, 64, 128 besides the pick and the defaults):
 #   prose 1 min: pick dim 96 2.3335, best dim 64 2.2850 (1.021), defaults 2.4619 (0.948)
 #   prose 2 min: pick dim 112 2.2718, best the defaults 2.2614 (1.005)
+#   prose 5 min: pick dim 160 2.2510, the best (1.000), defaults 2.2956 (0.981)
 #   code 1 min: pick dim 80 1.8521, best dim 64 1.8521 (1.000), defaults 1.9440 (0.953)
+#   code 2 min: pick dim 96 1.8241, the best (1.000), defaults 1.8474 (0.987)
+#   code 5 min: pick dim 160 1.8309, the best (1.000), defaults 1.9286 (0.949); the small
+#     widths got worse with time (dim 64: 1.8911 at 2 min, 2.1286 at 5): many passes over
+#     1 MB, so they overfit, which the law (fitted on endless stories) does not model
 SIZED_DIMS = (32, 64, 96, 128, 192)
 
 
