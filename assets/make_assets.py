@@ -165,20 +165,12 @@ def main(argv=None) -> None:
     if args.only == "qa-finetunes":
         make_qa_finetunes.main(args.threads)
         return make_qa_finetunes.mixture(args.threads)
-    if args.only == "pretraining-lengths":
-        return make_pretraining_lengths.main(args.threads)
-    if args.only == "long-recall":
-        return make_long_recall.main(args.threads)
-    if args.only == "collapse-seeds":
-        return make_collapse_seeds.main(args.threads)
-    if args.only == "lora-token-rows":
-        return make_token_rows.main(args.threads)
-    if args.only == "preference":
-        return make_preference.main(args.threads)
-    if args.only == "scaling-laws":
-        return make_scaling.main(args.threads)
-    if args.only == "document-mask":
-        make_document_mask.main(args.threads)
+    one = {"pretraining-lengths": make_pretraining_lengths.main,
+           "long-recall": make_long_recall.main, "collapse-seeds": make_collapse_seeds.main,
+           "lora-token-rows": make_token_rows.main, "preference": make_preference.main,
+           "scaling-laws": make_scaling.main, "document-mask": make_document_mask.main}
+    if args.only in one:
+        one[args.only](args.threads)
         return
     torch.set_num_threads(args.threads)  # the same arithmetic, so the same weights
     torch.manual_seed(0)

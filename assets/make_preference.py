@@ -85,9 +85,9 @@ def by_kind_pass(examples, samples) -> dict:
     return out
 
 
-def main(threads: int = 1) -> None:
-    torch.set_num_threads(threads)
-    start_all = time.perf_counter()
+def setup():
+    """What every run of this script starts from: the story model, its chat format, the
+    held-out questions, the training prompts and validation stories packed in rows."""
     base, tokenizer = load_pretrained("story-model", device="cpu")
     chat = ChatFormat(tokenizer)
     train, held = split_qa(make_qa(N_STORIES, seed=1), n_heldout_stories=HELD_OUT)
@@ -95,6 +95,13 @@ def main(threads: int = 1) -> None:
     prompts = [e for e in train if e.story in set(stories)]
     val_rows = pack_documents(encode_documents([s.text for s in make_stories(24, seed=2)],
                                                tokenizer), 256)
+    return base, tokenizer, chat, train, held, prompts, val_rows
+
+
+def main(threads: int = 1) -> None:
+    torch.set_num_threads(threads)
+    start_all = time.perf_counter()
+    base, tokenizer, chat, train, held, prompts, val_rows = setup()
     tbytes = token_bytes(tokenizer)
     card = {"recipe": {"sft_steps": SFT_STEPS, "sft_lr": SFT_LR, "batch": BATCH,
                        "prompts": len(prompts), "k": K, "temperature": TEMPERATURE,
@@ -222,13 +229,7 @@ def stress(threads: int = 1) -> None:
     torch.set_num_threads(threads)
     folder = ROOT / "assets" / "preference"
     card = json.loads((folder / "card.json").read_text())
-    base, tokenizer = load_pretrained("story-model", device="cpu")
-    chat = ChatFormat(tokenizer)
-    train, held = split_qa(make_qa(N_STORIES, seed=1), n_heldout_stories=HELD_OUT)
-    stories = sorted({e.story for e in train})[:N_PROMPT_STORIES]
-    prompts = [e for e in train if e.story in set(stories)]
-    val_rows = pack_documents(encode_documents([s.text for s in make_stories(24, seed=2)],
-                                               tokenizer), 256)
+    base, tokenizer, chat, train, held, prompts, val_rows = setup()
     weights = load_file(folder / "models.safetensors")
     sft = Transformer(base.params)
     sft.load_state_dict({k[4:]: v.float() for k, v in weights.items() if k.startswith("sft.")})
