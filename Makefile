@@ -62,9 +62,9 @@ test-other-cpu: $(STAMP)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -m "not slow"
 
-# Re-execute every notebook in place (after editing one), storing fresh outputs.
+# Re-execute every notebook in place (after editing one), the labs too, storing fresh outputs.
 notebooks: $(STAMP)
-	for nb in notebooks/*.ipynb; do \
+	for nb in notebooks/*.ipynb $(wildcard notebooks/labs/*.ipynb); do \
 	  PYTHONHASHSEED=0 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; \
 	done
 

@@ -1,19 +1,31 @@
-"""The classroom kit: README's course map is the notebooks, every notebook has a self-checking
-exercise, and `make student` strips the solutions without losing a check (`make site`:
-test_site.py)."""
+"""The classroom kit: README's course map is the notebooks (its "Going further" table the
+labs), every notebook has a self-checking exercise, and `make student` strips the solutions
+without losing a check, the labs' included (`make site`: test_site.py)."""
 import ast
 import inspect
 import re
 
 import nbformat
 import pytest
-from nb_support import IDS, NOTEBOOKS, ROOT, load_tool
+from nb_support import (
+    ALL_IDS,
+    ALL_NOTEBOOKS,
+    IDS,
+    LAB_IDS,
+    LABS,
+    NOTEBOOKS,
+    ROOT,
+    chapter_of_lab,
+    load_tool,
+)
 
 import llama3_mini.exercises
 
 CHECK_CALL = re.compile(r"\b(check_\w+)\s*\(")  # the checker's name, as a group
 # a row of README's course map: "| [00 Llama 3 at a glance](notebooks/00_llama3_....ipynb) | ..."
-COURSE_MAP_ROW = re.compile(r"^\| \[[^\]]+\]\(notebooks/([^)]+\.ipynb)\)", re.M)
+COURSE_MAP_ROW = re.compile(r"^\| \[[^\]]+\]\(notebooks/([^)/]+\.ipynb)\)", re.M)
+# a row of README's "Going further" table: "| [06c lab: ...](notebooks/labs/06c_lab_....ipynb) |"
+LAB_ROW = re.compile(r"^\| \[[^\]]+\]\(notebooks/labs/([^)/]+\.ipynb)\)", re.M)
 
 student = load_tool("student")
 
@@ -37,6 +49,32 @@ def test_the_course_is_the_notebooks_in_the_readmes_course_map():
         f"{sorted({p.name for p in NOTEBOOKS} - set(listed))}")
 
 
+def test_the_labs_are_named_after_a_chapter_and_listed_under_going_further():
+    """A lab (notebooks/labs/) extends one chapter of the main line and is named after it;
+    README lists every lab in its "Going further" table, in order, after the course map."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    chapters = {p.stem.split("_")[0] for p in NOTEBOOKS}
+    for lab in LABS:
+        assert chapter_of_lab(lab) in chapters, (
+            f"{lab.name} extends chapter {chapter_of_lab(lab)}, which notebooks/ does not have")
+    listed = LAB_ROW.findall(readme)
+    assert listed == [p.name for p in LABS], (
+        "README's \"Going further\" table and notebooks/labs/ differ: only in README "
+        f"{sorted(set(listed) - {p.name for p in LABS})}, only in notebooks/labs/ "
+        f"{sorted({p.name for p in LABS} - set(listed))}")
+    if LABS:
+        heading = readme.find("Going further")
+        assert heading > 0 and all(readme.find(f"notebooks/labs/{p.name}") > heading
+                                   for p in LABS), "README's lab rows sit under no 'Going further'"
+
+
+@pytest.mark.parametrize("path", LABS, ids=LAB_IDS)
+def test_a_labs_exercise_if_it_has_one_is_collapsed_and_checked(path):
+    nb = nbformat.read(path, as_version=4)
+    if _solutions(nb) or _checks(nb):
+        assert student.exercise_problems(nb) == [], (path.name, student.exercise_problems(nb))
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_every_notebook_has_a_collapsed_solution_and_a_check(path):
     nb = nbformat.read(path, as_version=4)
@@ -52,7 +90,7 @@ def test_every_notebook_has_a_collapsed_solution_and_a_check(path):
         f"{path.name}: no check cell comes after its first solution cell")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=ALL_IDS)
 def test_check_cells_call_checkers_that_exist(path):
     nb = nbformat.read(path, as_version=4)
     for cell in _checks(nb):
@@ -93,6 +131,19 @@ def test_make_student_names_a_notebook_without_an_exercise(tmp_path, capsys):
     nbformat.write(_notebook([nbformat.v4.new_markdown_cell("# no exercise")]), src / "03_x.ipynb")
     assert student.main([str(src), str(tmp_path / "out")]) == 0
     assert "03_x.ipynb: no solution cell" in capsys.readouterr().err
+
+
+def test_make_student_copies_the_labs_into_their_own_folder(tmp_path):
+    src, out = tmp_path / "nbs", tmp_path / "student"
+    (src / "labs").mkdir(parents=True)
+    check = nbformat.v4.new_code_cell("assert check_count_params(f)")
+    nbformat.write(_notebook([_solution_cell("def f(a):\n    return 42\n"), check]),
+                   src / "00_x.ipynb")
+    nbformat.write(_notebook([_solution_cell("def g(a):\n    return 7\n"), check]),
+                   src / "labs" / "00_lab_y.ipynb")
+    assert student.main([str(src), str(out)]) == 0
+    lab = nbformat.read(out / "labs" / "00_lab_y.ipynb", as_version=4)
+    assert "return 7" not in lab.cells[0].source and "your turn" in lab.cells[0].source
 
 
 def test_make_student_never_overwrites_a_learners_work_unless_forced(tmp_path, capsys):
@@ -171,10 +222,15 @@ def _answer_lines(source):
             and lines[i - 1].strip() and not lines[i - 1].strip().startswith("#")}
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def _student_copy(path, student_dir):
+    """Where make student writes path's copy: student/NAME, or student/labs/NAME for a lab."""
+    return student_dir / path.relative_to(ROOT / "notebooks")
+
+
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=ALL_IDS)
 def test_student_copy_stubs_every_solution_and_keeps_everything_else(path, student_dir):
     original = nbformat.read(path, as_version=4)
-    copy = nbformat.read(student_dir / path.name, as_version=4)
+    copy = nbformat.read(_student_copy(path, student_dir), as_version=4)
     nbformat.validate(copy)
     assert [c.cell_type for c in copy.cells] == [c.cell_type for c in original.cells]
     for before, after in zip(original.cells, copy.cells, strict=True):
@@ -194,10 +250,10 @@ def test_student_copy_stubs_every_solution_and_keeps_everything_else(path, stude
         f"{path.name}: a check cell is missing from the student copy")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=ALL_IDS)
 def test_student_stubs_have_the_solutions_signatures_and_say_your_turn(path, student_dir):
     original = nbformat.read(path, as_version=4)
-    copy = nbformat.read(student_dir / path.name, as_version=4)
+    copy = nbformat.read(_student_copy(path, student_dir), as_version=4)
     for before, after in zip(original.cells, copy.cells, strict=True):
         if not student.is_solution(before):
             continue

@@ -410,9 +410,26 @@ def test_teachings_time_table_lists_every_notebook_with_its_estimated_class_leng
     from nb_support import load_tool
 
     class_length = load_tool("class_length")
-    rows = re.findall(r"^\| (\d\d[a-z]?_\w+) \|.*\| (\d+) min \|$",
+    rows = re.findall(r"^\| (\d\d[a-z]?_(?!lab_)\w+) \|.*\| (\d+) min \|$",
                       (ROOT / "TEACHING.md").read_text(encoding="utf-8"), re.M)
     assert [name for name, _ in rows] == [p.stem for p in NOTEBOOKS.values()], rows
     for name, minutes in rows:
         estimate = class_length.estimate(ROOT / "notebooks" / f"{name}.ipynb")["minutes"]
         assert int(minutes) == estimate, f"TEACHING.md: {name} takes about {estimate} min"
+
+
+def test_teaching_names_every_lab_and_its_time_table_rows_are_estimated():
+    """A lab (notebooks/labs/) is named in TEACHING.md, in the section of the chapter it
+    extends; a time-table row for it, if any, quotes tools/class_length.py like the others."""
+    from nb_support import LABS, chapter_of_lab, load_tool
+
+    class_length = load_tool("class_length")
+    teaching = (ROOT / "TEACHING.md").read_text(encoding="utf-8")
+    for lab in LABS:
+        assert chapter_of_lab(lab) in NOTEBOOKS, f"{lab.name}: no chapter {chapter_of_lab(lab)}"
+        assert lab.stem in teaching, f"TEACHING.md does not mention the lab {lab.stem}"
+    for name, minutes in re.findall(r"^\| (\d\d[a-z]?_lab_\w+) \|.*\| (\d+) min \|$",
+                                    teaching, re.M):
+        estimate = class_length.estimate(ROOT / "notebooks" / "labs" / f"{name}.ipynb")
+        assert int(minutes) == estimate["minutes"], (
+            f"TEACHING.md: {name} takes about {estimate['minutes']} min")

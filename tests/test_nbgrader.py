@@ -15,12 +15,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nb_support import IDS, NOTEBOOKS, ROOT, load_tool
+from nb_support import ALL_IDS, ALL_NOTEBOOKS, ROOT, load_tool
 
 grading = load_tool("grading")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=ALL_IDS)
 def test_every_exercise_carries_nbgraders_markers_and_metadata(path):
     nb = nbformat.read(path, as_version=4)
     assert grading.grading_problems(nb) == [], f"run `python tools/grading.py {path.name}`"
@@ -31,7 +31,7 @@ def test_every_exercise_carries_nbgraders_markers_and_metadata(path):
         assert check["grade_id"] == solution["grade_id"] + "-check" and check["points"] > 0
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=ALL_IDS)
 def test_markers_keep_the_signature_and_docstring_outside(path):
     """What nbgrader replaces is the body alone, as tools/student.py's stub does."""
     nb = nbformat.read(path, as_version=4)

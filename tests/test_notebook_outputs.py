@@ -2,13 +2,14 @@
 the student copies before running anything, so they must be clean: no progress bar frozen
 part-way (a tqdm widget is stored as first drawn, at 0%, whatever it reached), no cell that
 prints and shows nothing, no machine's paths (a learner's machine is not /work/main/.venv),
-no errors. Each test names the notebook and cell (0-based index in `cells`) at fault."""
+no errors. Each test names the notebook and cell (0-based index in `cells`) at fault; the
+labs (notebooks/labs/) are read as the main line is."""
 import ast
 import re
 
 import nbformat
 import pytest
-from nb_support import IDS, NOTEBOOKS
+from nb_support import ALL_IDS, ALL_NOTEBOOKS
 
 # "BPE merges:   0%|          | 0/7936 [00:00<?, ?it/s]", tqdm's text form
 BAR = re.compile(r"(\d{1,3})%\|[^|\n]*\|\s*(\d+(?:\.\d+)?)([kMG]?)/(\d+(?:\.\d+)?)([kMG]?)")
@@ -66,7 +67,7 @@ def shows_something(source):
     return not isinstance(value, ast.Constant)  # a docstring-like constant shows nothing useful
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=ALL_IDS)
 def test_no_progress_bar_is_stored_part_way(path):
     nb = nbformat.read(path, as_version=4)
     found = [(i, bar) for i, cell in _code_cells(nb) for output in cell.get("outputs", [])
@@ -83,7 +84,7 @@ def test_no_progress_bar_is_stored_part_way(path):
     assert not stuck, f"{path.name}: progress widgets saved below their maximum: {stuck}"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=ALL_IDS)
 def test_no_machine_paths_in_outputs(path):
     nb = nbformat.read(path, as_version=4)
     found = [(i, hit) for i, cell in _code_cells(nb) for output in cell.get("outputs", [])
@@ -91,7 +92,7 @@ def test_no_machine_paths_in_outputs(path):
     assert not found, f"{path.name}: outputs show paths of the machine that ran them: {found}"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=ALL_IDS)
 def test_no_errors_and_no_blank_outputs(path):
     nb = nbformat.read(path, as_version=4)
     for i, cell in _code_cells(nb):
@@ -104,7 +105,7 @@ def test_no_errors_and_no_blank_outputs(path):
                 f"{path.name}, cell {i}: its only output is blank: {cell.source[:60]!r}")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+@pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=ALL_IDS)
 def test_cells_that_show_something_have_stored_output(path):
     nb = nbformat.read(path, as_version=4)
     missing = [(i, cell.source.strip().splitlines()[-1][:60]) for i, cell in _code_cells(nb)

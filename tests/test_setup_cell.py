@@ -24,7 +24,8 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))  # 00_, 01a_, ...
+NOTEBOOKS += sorted((ROOT / "notebooks" / "labs").glob("*.ipynb"))  # labs run the same cell
 FIRST = ROOT / "notebooks" / "00_llama3_at_a_glance.ipynb"
 PROBE = "import llama3_mini, sys; print(llama3_mini.__file__); print(sys.prefix)"
 NOT_INSTALLED = "Not importable yet: restart the kernel"
@@ -184,9 +185,11 @@ def in_checkout(path: Path) -> bool:
 @pytest.mark.slow
 def test_fresh_kernel_in_a_checkout_installs_the_package_from_it(kernels, tmp_path, monkeypatch):
     copy = copy_checkout(tmp_path / "course").resolve()
+    labs = copy / "notebooks" / "labs"  # the deepest folder a notebook runs in: a lab's
+    labs.mkdir(exist_ok=True)
     before = snapshot_own_install()
     setup_out, probe_out = run_setup(
-        "fresh-checkout", copy / "notebooks", kernels, monkeypatch,
+        "fresh-checkout", labs, kernels, monkeypatch,
         # Offline and quick: every dependency is already importable, and setuptools is too, so
         # the build needs no isolated environment. pip reads PIP_NO_BUILD_ISOLATION the
         # inverted way (its value is the build_isolation option's): "0" means no isolation.

@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 
 import nbformat
 import pytest
-from nb_support import NOTEBOOKS, ROOT, load_tool
+from nb_support import ALL_NOTEBOOKS, LABS, NOTEBOOKS, ROOT, chapter_of_lab, load_tool
 
 site = load_tool("site")
 student = load_tool("student")
@@ -71,7 +71,7 @@ def site_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_site_has_a_contents_page_linking_every_notebook_in_order(site_dir):
     links = [a for a in _parse(site_dir / "index.html").anchors if a.endswith(".html")]
-    assert links == [p.stem + ".html" for p in NOTEBOOKS]
+    assert links == [p.stem + ".html" for p in NOTEBOOKS + LABS]  # labs: "Going further"
     for link in links:
         assert (site_dir / link).is_file(), f"{link} is listed but was not written"
     sections = [a for a in _parse(site_dir / "index.html").anchors if "#" in a]
@@ -94,6 +94,29 @@ def test_site_pages_link_previous_contents_and_next(site_dir):
 
 
 @pytest.mark.slow
+def test_lab_pages_link_the_contents_and_the_chapter_they_extend(site_dir):
+    chapters = {p.stem.split("_")[0]: p.stem + ".html" for p in NOTEBOOKS}
+    for lab in LABS:
+        anchors = set(_parse(site_dir / (lab.stem + ".html")).anchors)
+        assert {"index.html", chapters[chapter_of_lab(lab)]} <= anchors, (
+            f"{lab.stem}.html does not link the contents and chapter {chapter_of_lab(lab)}")
+
+
+def test_a_lab_is_listed_under_going_further_and_links_back(tmp_path):
+    src = tmp_path / "nbs"
+    (src / "labs").mkdir(parents=True)
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Ch")]),
+                   src / "06c_x.ipynb")
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+        "# Lab\n\nBack to [the chapter](../06c_x.ipynb).")]), src / "labs" / "06c_lab_y.ipynb")
+    site.build_site(src, tmp_path / "site")
+    index = (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
+    assert "Going further" in index and index.index("06c_x.html") < index.index("06c_lab_y.html")
+    lab = (tmp_path / "site" / "06c_lab_y.html").read_text(encoding="utf-8")
+    assert lab.count('href="06c_x.html"') >= 2  # the nav's link back and the prose's link
+
+
+@pytest.mark.slow
 def test_no_site_page_fetches_anything_from_the_internet(site_dir):
     for page in sorted(site_dir.glob("*.html")):
         external = [(tag, url) for tag, url in _parse(page).fetches if _external(url)]
@@ -102,7 +125,7 @@ def test_no_site_page_fetches_anything_from_the_internet(site_dir):
 
 @pytest.mark.slow
 def test_site_pages_keep_stored_plots_and_fold_solutions(site_dir):
-    for path in NOTEBOOKS:
+    for path in ALL_NOTEBOOKS:
         page = (site_dir / (path.stem + ".html")).read_text(encoding="utf-8")
         nb = nbformat.read(path, as_version=4)
         plots = sum("image/png" in out.get("data", {})

@@ -3,7 +3,9 @@
     python tools/site.py [notebooks/] [site/]      (or: make site)
 
 Each notebook becomes one HTML page (nbconvert's JupyterLab template, with its stored
-outputs and plots) with previous / contents / next links, and `index.html` lists them all.
+outputs and plots) with previous / contents / next links, and `index.html` lists them all;
+the labs (notebooks/labs/, side studies named after the chapter they extend) get pages
+beside them, listed under "Going further", each linking back to its chapter.
 Nothing is fetched from the internet: the template's require.js, MathJax, Mermaid and
 widget-manager scripts are left out (a last pass removes any external script or
 stylesheet that remains), CSS is inline and images are embedded as data URIs. TeX in the
@@ -85,8 +87,14 @@ do the exercises, open the notebooks in JupyterLab (<code>make lab</code>).</p>
 <h2>Contents</h2>
 <ul class="toc">
 {items}
-</ul></body></html>
+</ul>{labs}</body></html>
 """
+LABS_TEMPLATE = """
+<h2>Going further: the labs</h2>
+<p>Side studies that answer a follow-up question of a chapter; the main line never needs them.</p>
+<ul class="toc">
+{items}
+</ul>"""
 
 EXTERNAL = re.compile(r"^\s*(https?:)?//", re.I)
 SCRIPT_SRC = re.compile(r"<script\b[^>]*\bsrc\s*=\s*[\"']?\s*(https?:)?//[^>]*>.*?</script>",
@@ -283,6 +291,21 @@ def _nav(pages: list[tuple[str, str]], i: int) -> str:
     return f'<nav class="l3m-nav">{prev}<a href="index.html">Contents</a>{nxt}</nav>'
 
 
+def _lab_nav(chapter: tuple[str, str] | None) -> str:
+    back = (f'<a href="{chapter[0]}">← {html.escape(chapter[1])}</a>' if chapter
+            else "<span></span>")
+    return f'<nav class="l3m-nav">{back}<a href="index.html">Contents</a><span></span></nav>'
+
+
+def _items(pages, notebooks, sections) -> str:
+    return "\n".join(
+        f'<li><a href="{page}">{html.escape(title)}</a><br>'
+        f'<span class="summary">{html.escape(summary_of(nb))}</span>'
+        '<ul class="sections">' + "".join(f'<li><a href="{page}#{anchor}">{html.escape(text)}</a>'
+                                          f"</li>" for anchor, text in parts) + "</ul></li>"
+        for (page, title), nb, parts in zip(pages, notebooks, sections, strict=True))
+
+
 def exporter() -> HTMLExporter:
     loader = jinja2.DictLoader({"l3m_page.html.j2": PAGE_TEMPLATE})
     return HTMLExporter(template_name="lab", template_file="l3m_page.html.j2",
@@ -290,36 +313,43 @@ def exporter() -> HTMLExporter:
 
 
 def build_site(src: Path, dst: Path, course: str = "llama3-mini") -> list[Path]:
-    """Render every notebook in src to dst, plus index.html; returns the pages written."""
+    """Render every notebook in src (and src/labs/) to dst, plus index.html; returns the
+    pages written. Lab pages sit beside the others, so links between notebooks, which
+    link_pages points at `<name>.html`, work from either."""
     src, dst = Path(src), Path(dst)
     paths = sorted(p for p in src.glob("*.ipynb") if not p.name.startswith("."))
     if not paths:
         raise FileNotFoundError(f"no notebooks in {src}: give the course's notebooks folder")
+    labs = sorted(p for p in (src / "labs").glob("*.ipynb") if not p.name.startswith("."))
     dst.mkdir(parents=True, exist_ok=True)
     notebooks = [nbformat.read(p, as_version=4) for p in paths]
+    lab_notebooks = [nbformat.read(p, as_version=4) for p in labs]
     pages = [(p.stem + ".html", title_of(nb, p.stem))
              for p, nb in zip(paths, notebooks, strict=True)]
+    lab_pages = [(p.stem + ".html", title_of(nb, p.stem))
+                 for p, nb in zip(labs, lab_notebooks, strict=True)]
+    by_number = {p.stem.split("_")[0]: page for p, page in zip(paths, pages, strict=True)}
+    navs = [_nav(pages, i) for i in range(len(pages))] + [
+        _lab_nav(by_number.get(p.stem.split("_")[0])) for p in labs]
     html_exporter, written, sections = exporter(), [], []
-    for i, (path, nb) in enumerate(zip(paths, notebooks, strict=True)):
+    for path, nb, (page, title), nav in zip(paths + labs, notebooks + lab_notebooks,
+                                            pages + lab_pages, navs, strict=True):
         nb = copy.deepcopy(nb)
-        nb.metadata["title"] = pages[i][1]
+        nb.metadata["title"] = title
         render_widgets(nb)
         render_math(nb)
         link_pages(nb)
         resources = {"metadata": {"path": str(path.parent), "name": path.stem},
-                     "site_nav": _nav(pages, i), "site_css": SITE_CSS}
+                     "site_nav": nav, "site_css": SITE_CSS}
         body, _ = html_exporter.from_notebook_node(nb, resources=resources)
         body = strip_external(body)
         sections.append(sections_of(body))
-        (dst / pages[i][0]).write_text(body, encoding="utf-8")
-        written.append(dst / pages[i][0])
-    items = "\n".join(
-        f'<li><a href="{page}">{html.escape(title)}</a><br>'
-        f'<span class="summary">{html.escape(summary_of(nb))}</span>'
-        '<ul class="sections">' + "".join(f'<li><a href="{page}#{anchor}">{html.escape(text)}</a>'
-                                          f"</li>" for anchor, text in parts) + "</ul></li>"
-        for (page, title), nb, parts in zip(pages, notebooks, sections, strict=True))
-    index = INDEX_TEMPLATE.format(title=html.escape(course), items=items)
+        (dst / page).write_text(body, encoding="utf-8")
+        written.append(dst / page)
+    items = _items(pages, notebooks, sections[:len(pages)])
+    lab_items = (LABS_TEMPLATE.format(items=_items(lab_pages, lab_notebooks,
+                                                   sections[len(pages):])) if labs else "")
+    index = INDEX_TEMPLATE.format(title=html.escape(course), items=items, labs=lab_items)
     (dst / "index.html").write_text(index, encoding="utf-8")
     return [dst / "index.html", *written]
 

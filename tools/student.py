@@ -15,7 +15,9 @@ or an older version of the course) is kept, with a warning, unless --force is gi
 
 `exercise_problems(nb)` lists what a notebook lacks for this to work (no solution cell,
 a solution not collapsed, no check cell); `main` names each such notebook on stderr, since
-its copy may give a solution away or have nothing to check, and writes the copies anyway."""
+its copy may give a solution away or have nothing to check, and writes the copies anyway.
+The labs (notebooks/labs/, side studies that extend a chapter) are copied to student/labs/
+the same way; a lab need not have an exercise, but one it has gets its stub too."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +36,7 @@ STUB_ERROR = 'raise NotImplementedError("your turn")'
 STUB_NOTE = ("# Your turn: replace each `raise NotImplementedError` with your code "
              "(this copy has no solution).")
 CHECK_CALL = re.compile(r"\bcheck_\w+\s*\(")
+LABS = "labs"  # the sub-folder of side studies, copied alongside the main line
 
 
 def tags(cell) -> list[str]:
@@ -157,6 +160,10 @@ def write_student(src: Path, dst: Path, force: bool = False) -> tuple[list[Path]
     written, kept = [], []
     for path in sorted(src.iterdir()):
         target = dst / path.name
+        if path.is_dir() and path.name == LABS:  # the labs keep their own folder
+            lab_written, lab_kept = write_student(path, target, force=force)
+            written, kept = written + lab_written, kept + lab_kept
+            continue
         if path.name.startswith(".") or path.is_dir():
             continue
         if path.suffix == ".ipynb":
@@ -189,6 +196,10 @@ def main(argv=None) -> int:
         print(f"no notebooks in {opts.src}: give the course's notebooks folder", file=sys.stderr)
         return 1
     bad = {p.name: exercise_problems(nbformat.read(p, as_version=4)) for p in paths}
+    for lab in notebooks_in(opts.src / LABS):  # a lab without an exercise is fine
+        nb = nbformat.read(lab, as_version=4)
+        if any(is_solution(c) or is_check(c) for c in nb.cells):
+            bad[f"{LABS}/{lab.name}"] = exercise_problems(nb)
     bad = {name: problems for name, problems in bad.items() if problems}
     for name, problems in bad.items():
         print(f"warning: {name}: " + "; ".join(problems), file=sys.stderr)
