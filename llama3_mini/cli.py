@@ -342,9 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="hf", choices=["hf", "gguf"],
                    help="hf: a Hugging Face folder (default); gguf: one file for llama.cpp")
     p.add_argument("--dtype", default=None,
-                   choices=["float32", "bfloat16", "float16", "f32", "f16", "bf16", "q8_0"],
+                   choices=["float32", "bfloat16", "float16", "f32", "f16", "bf16", "q8_0",
+                            "q5_0", "q4_0"],
                    help="the type the weights are stored in (hf: float32 by default; gguf: "
-                        "f16 by default, or f32, bf16, q8_0)")
+                        "f16 by default, or f32, bf16, q8_0, q5_0, q4_0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
 

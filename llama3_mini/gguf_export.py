@@ -14,9 +14,10 @@ A GGUF file holds three things, each as llama.cpp's converter (convert_hf_to_ggu
 - the tokenizer: a byte-level BPE ("gpt2") with Llama 3's pre-tokenizer ("llama-bpe": the
   split pattern of tokenizer.py), every token in GPT-2's printable spelling, the merges,
   token types (normal, or control for the special tokens), BOS/EOS/EOT ids, the chat template;
-- the weights under llama.cpp's names (`blk.3.attn_q.weight`), in f32, f16, bf16 or q8_0
-  (blocks of 32 int8 values sharing one float16 scale). Vectors (the norms, `rope_freqs`)
-  stay float32, as the converter keeps them.
+- the weights under llama.cpp's names (`blk.3.attn_q.weight`), in f32, f16, bf16, q8_0
+  (blocks of 32 int8 values sharing one float16 scale), q5_0 or q4_0 (blocks of 32 5- or
+  4-bit values and a float16 scale; quantization.py builds q4_0 by hand). Vectors (the norms,
+  `rope_freqs`) stay float32, as the converter keeps them.
 
 Queries and keys: llama.cpp's Llama rotates adjacent pairs of dimensions (0,1), (2,3), ...,
 Meta's layout, which our weights already have; the converter un-permutes Hugging Face's
@@ -35,9 +36,9 @@ from .rope import apply_scaling, rope_frequencies
 
 INSTALL_HINT = "pip install 'llama3-mini[gguf]' (or: pip install gguf)"
 # Our names for each type (the converter's --outtype) and the other names people use.
-DTYPES = ("f32", "f16", "bf16", "q8_0")
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q4_0")
 _ALIASES = {"float32": "f32", "fp32": "f32", "float16": "f16", "fp16": "f16", "half": "f16",
-            "bfloat16": "bf16", "q8": "q8_0", "int8": "q8_0"}
+            "bfloat16": "bf16", "q8": "q8_0", "int8": "q8_0", "q5": "q5_0", "q4": "q4_0"}
 PRE_TOKENIZER = "llama-bpe"  # llama.cpp's name for Llama 3's split pattern
 # Our (Meta's) parameter names -> llama.cpp's (gguf.TENSOR_NAMES of MODEL_ARCH.LLAMA).
 _LAYER_NAMES = {
@@ -129,12 +130,13 @@ def _weights(model) -> list[tuple[str, torch.Tensor]]:
 
 def _tensor_type(gguf, name: str, w: torch.Tensor, dtype: str):
     """The ggml type a tensor is stored in: vectors in F32 (norms, rope_freqs), matrices in
-    `dtype`; a q8_0 matrix whose rows are not whole blocks of 32 in F16, as the converter
-    falls back."""
+    `dtype`; a quantized matrix whose rows are not whole blocks of 32 in F16, as the
+    converter falls back."""
     types = gguf.GGMLQuantizationType
     if w.dim() <= 1:
         return types.F32
-    qtype = {"f32": types.F32, "f16": types.F16, "bf16": types.BF16, "q8_0": types.Q8_0}[dtype]
+    qtype = {"f32": types.F32, "f16": types.F16, "bf16": types.BF16, "q8_0": types.Q8_0,
+             "q5_0": types.Q5_0, "q4_0": types.Q4_0}[dtype]
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     return qtype if w.shape[-1] % block == 0 else types.F16
 
@@ -142,7 +144,7 @@ def _tensor_type(gguf, name: str, w: torch.Tensor, dtype: str):
 def _file_type(gguf, dtype: str) -> int:
     ft = gguf.LlamaFileType
     return {"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16,
-            "q8_0": ft.MOSTLY_Q8_0}[dtype]
+            "q8_0": ft.MOSTLY_Q8_0, "q5_0": ft.MOSTLY_Q5_0, "q4_0": ft.MOSTLY_Q4_0}[dtype]
 
 
 def _resolve(source, tokenizer):
@@ -186,8 +188,8 @@ def export_gguf(checkpoint_or_model, out_path, dtype: str = "f16", tokenizer=Non
     checkpoint_or_model: a checkpoint folder (a training run's: its newest; Meta's or Hugging
     Face's folders too), a pretrained model's name ("story-model"), a (model, tokenizer) pair
     as load_pretrained returns, or a Transformer with tokenizer=. dtype: "f32", "f16" (the
-    converter's default), "bf16" or "q8_0". The model is read where it is, never moved.
-    Returns the path written; transformers opens it with
+    converter's default), "bf16", "q8_0", "q5_0" or "q4_0". The model is read where it is,
+    never moved. Returns the path written; transformers opens it with
     AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)."""
     gguf = _gguf()
     from tqdm.auto import tqdm
