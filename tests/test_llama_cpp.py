@@ -1,5 +1,5 @@
-"""Our GGUF files run in real llama.cpp: the prebuilt library inside the `cyllama` wheel
-(0.2.18, the last for Python 3.11; `make setup` installs it where a wheel exists: Linux x86-64).
+"""Our GGUF files run in real llama.cpp (llama_cpp.LlamaCpp: the library inside the `cyllama`
+wheel, 0.2.18, the last for Python 3.11; `make setup` installs it where a wheel exists).
 
 For each type (f16, q8_0, q5_0, q4_0) the story model is exported, loaded by llama.cpp, and
 compared with our package run at the weights the file holds (every matrix rounded by
@@ -19,37 +19,27 @@ import copy
 
 import pytest
 import torch
-
 from model_support import one_thread  # noqa: F401
 
 from llama3_mini.checkpoint import load_pretrained
 from llama3_mini.finetune import answer, make_qa, split_qa
 from llama3_mini.generate import generate
 from llama3_mini.gguf_export import export_gguf
+from llama3_mini.llama_cpp import LlamaCpp
 from llama3_mini.quantization import absmax_int8, dequantize, q4_0
 from llama3_mini.tokenizer import ChatFormat
 
 gguf = pytest.importorskip("gguf")
 try:
-    import cyllama.llama.llama_cpp as cpp
+    import cyllama  # noqa: F401
 except ImportError as e:  # no wheel for this OS or Python: say so rather than fail
     pytest.skip(f"llama.cpp's prebuilt wheel (cyllama==0.2.18) is not installed ({e}); it "
                 "exists for Linux x86-64 with Python 3.11, where `make setup` installs it",
                 allow_module_level=True)
 
-cpp.disable_logging()
 TYPES = ("f16", "q8_0", "q5_0", "q4_0")
 BOUND = {"f16": 0.01, "q8_0": 0.25, "q5_0": 0.25, "q4_0": 0.25}
 PROMPT = "Once upon a time, there was a little fox named Zoe. Zoe lived in a cold pond."
-
-
-class Model(cpp.LlamaModel):
-    """cyllama 0.2.18's LlamaContext.get_logits asks its model for n_vocab, which its
-    LlamaModel lacks; the vocabulary knows it."""
-
-    @property
-    def n_vocab(self):
-        return self.get_vocab().n_vocab
 
 
 def rounded(model, dtype):
@@ -72,51 +62,6 @@ def rounded(model, dtype):
     return out
 
 
-class Llama:
-    """A GGUF file opened in llama.cpp, one sequence, one thread."""
-
-    def __init__(self, path):
-        self.model = Model(str(path), cpp.LlamaModelParams())
-        params = cpp.LlamaContextParams()
-        params.n_ctx = params.n_batch = 512
-        params.n_threads = params.n_threads_batch = 1
-        self.ctx = cpp.LlamaContext(self.model, params)
-        self.vocab = self.model.get_vocab()
-
-    def _decode(self, ids, start, all_logits):
-        batch = cpp.LlamaBatch(n_tokens=len(ids), embd=0, n_seq_max=1)
-        for i, t in enumerate(ids):
-            batch.add(t, start + i, [0], all_logits or i == len(ids) - 1)
-        assert self.ctx.decode(batch) == 0
-
-    def logits(self, ids):
-        self.ctx.kv_cache_clear()
-        self._decode(ids, 0, True)
-        return torch.tensor([self.ctx.get_logits_ith(i) for i in range(len(ids))])
-
-    def greedy(self, ids, n):
-        """Up to n tokens, each the argmax, through llama.cpp's KV cache; stops at an
-        end-of-generation token (<|eot_id|>, <|end_of_text|>)."""
-        self.ctx.kv_cache_clear()
-        self._decode(ids, 0, False)
-        out = []
-        for _ in range(n):
-            t = int(torch.tensor(self.ctx.get_logits_ith(-1)).argmax())
-            if self.vocab.is_eog(t):
-                break
-            out.append(t)
-            self._decode([t], len(ids) + len(out) - 1, True)
-        return out
-
-    def chat(self, content, n=20):
-        """The file's own chat template, rendered by llama.cpp, then a greedy reply."""
-        template = self.model.get_default_chat_template()
-        message = cpp.LlamaChatMessage(role="user", content=content)
-        prompt = self.model.chat_apply_template(template, [message], True)
-        ids = self.vocab.tokenize(prompt, True, True)  # adds <|begin_of_text|>
-        return self.vocab.detokenize(self.greedy(ids, n), False, False).strip()
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gguf")
@@ -134,8 +79,8 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("dtype", TYPES)
 def test_llama_cpp_runs_our_gguf_with_our_tokens_and_logits(dtype, exported):
     model, tok, path = exported["story-model", dtype]
-    llama = Llama(path)
-    ids = llama.vocab.tokenize(PROMPT, True, True)
+    llama = LlamaCpp(path)
+    ids = llama.tokenize(PROMPT)
     assert ids == tok.encode(PROMPT, bos=True)
     ours = rounded(model, dtype)
     with torch.no_grad():
@@ -157,7 +102,8 @@ def test_llama_cpp_chats_through_the_files_template(dtype, exported):
     _, held = split_qa(make_qa(2000, seed=1), n_heldout_stories=15)
     questions = [next(e for e in held if e.kind == k) for k in ("hero", "place", "thing",
                                                                 "friend")]
-    llama = Llama(path)
+    llama = LlamaCpp(path)
     replies = [llama.chat(e.dialog()[0]["content"]) for e in questions]
     assert replies == answer(rounded(model, dtype), tok, chat, questions)
-    assert sum(r == e.answer for r, e in zip(replies, questions)) >= 3  # it really answers
+    right = sum(r == e.answer for r, e in zip(replies, questions, strict=True))
+    assert right >= 3  # it really answers
