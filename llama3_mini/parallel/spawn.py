@@ -14,6 +14,7 @@ saved with torch.save and read back with weights_only=True). An exception in any
 raised here with that rank's traceback."""
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import sys
@@ -62,6 +63,10 @@ def run_ranks(fn, world_size: int, *args, backend: str = "gloo", threads: int = 
                          f"{torch.cuda.device_count()} GPUs; use backend='gloo' on CPU")
     if start_method is None:
         start_method = "fork" if sys.platform.startswith("linux") else "spawn"
+    if start_method == "fork":
+        # DTensor imports torch._dynamo on first use: several seconds a process. Imported
+        # here once, every forked rank inherits it.
+        importlib.import_module("torch._dynamo")
     with tempfile.TemporaryDirectory(prefix="llama3-ranks-") as out_dir:
         mp.start_processes(_rank_main, nprocs=world_size, join=True, start_method=start_method,
                            args=(fn, world_size, free_port(), backend, threads, out_dir,
