@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from llama3_mini.config import ModelArgs
 from llama3_mini.model import Transformer
+from llama3_mini.parallel.context import context_parallel_forward
 from llama3_mini.parallel.mesh import (
     Layout,
     build_mesh,
@@ -59,26 +60,37 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
 
 
-def train(model, share=lambda x: x, clip=torch.nn.utils.clip_grad_norm_, world_mean=False):
+def plain_loss(model, x, y):
+    """(loss to differentiate, loss to report, logits): the whole model on these rows."""
+    logits = model(x)
+    loss = lm_loss(logits, y)
+    return loss, loss, logits
+
+
+def train(model, share=lambda x: x, clip=torch.nn.utils.clip_grad_norm_, loss_fn=plain_loss,
+          world_mean=1):
     """STEPS steps of AdamW (the trainer's groups) with clipping at 1.0: the first step's
-    logits, loss and gradients, and every step's loss. share(x): this rank's rows."""
+    logits, loss and gradients, and every step's loss. share(x): this rank's rows. A rank's
+    reported loss is summed over every rank and divided by world_mean (the ranks that hold
+    the same number)."""
     opt = make_optimizer(model, CFG)
     out = {"losses": []}
     for step in range(STEPS):
         x, y = (share(t) for t in batch(step))
-        logits = model(x)
-        loss = lm_loss(logits, y)
+        loss, reported, logits = loss_fn(model, x, y)
         loss.backward()
         if step == 0:
-            out.update(logits=logits.detach().clone(), loss=loss.detach().clone(),
+            logits = tuple(t.detach().clone() for t in logits) if isinstance(logits, tuple) \
+                else logits.detach().clone()
+            out.update(logits=logits, loss=reported.detach().clone(),
                        grads={n: full(p.grad) for n, p in model.named_parameters()})
         clip(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        value = loss.detach().clone()
-        if world_mean:  # every rank's mean loss; TP ranks of one DP group hold the same one
+        value = reported.detach().clone()
+        if world_mean > 1:
             dist.all_reduce(value)
-            value /= dist.get_world_size()
+            value /= world_mean
         out["losses"].append(value.item())
     return out
 
@@ -96,7 +108,10 @@ def one_process(model_state):
 
 
 def run_layout(layout: Layout, state: dict) -> dict:
-    """On each rank: the model split by `layout`, its shards, then `train`."""
+    """On each rank: the model split by `layout`, its shards, then `train`. With context
+    parallelism a rank computes its own positions' logits and its share of the loss
+    (context.py); FSDP then averages gradients over the DP x CP ranks, so the share is
+    multiplied by CP (the CP shares add up to the loss)."""
     mesh = build_mesh(layout)
     model = Transformer(ARGS)
     model.load_state_dict(state)
@@ -104,21 +119,37 @@ def run_layout(layout: Layout, state: dict) -> dict:
     coords = mesh_coordinates(mesh)
     shards = {n: p.to_local().clone() for n, p in model.named_parameters()
               if isinstance(p, DTensor)}
-    rows = BATCH // layout.dp
+    rows, loss_fn = BATCH // layout.dp, plain_loss
+    if layout.cp > 1:
+        group = mesh["cp"].get_group()
+
+        def loss_fn(model, x, y):
+            positions, logits = context_parallel_forward(model, x, group)
+            share = F.cross_entropy(logits.flatten(0, 1), y[:, positions].flatten(),
+                                    reduction="sum") / y.numel()
+            return share * layout.cp, share, (positions, logits)
     out = train(model, share=lambda t: t[coords["dp"] * rows:(coords["dp"] + 1) * rows],
-                clip=clip_grad_norm_, world_mean=True)
+                clip=clip_grad_norm_, loss_fn=loss_fn, world_mean=layout.tp * layout.dp)
+    if layout.cp > 1:  # the logits of this rank's positions, and its loss share
+        positions, logits = out["logits"]
+        out["logits"] = torch.full((rows, SEQ, ARGS.vocab_size), float("nan"))
+        out["logits"][:, positions] = logits
     return {**out, "coords": coords, "shards": shards}
 
 
 def check_equal(results: list, ref: dict, layout: Layout) -> None:
     """Every rank's first step against one process, and the 20 losses."""
-    by_dp = {}
-    for r in results:
-        by_dp.setdefault(r["coords"]["dp"], r)  # any TP rank: their logits are the same
-    logits = torch.cat([by_dp[d]["logits"] for d in range(layout.dp)])
-    torch.testing.assert_close(logits, ref["logits"], **LOGITS_TOL)
-    loss = torch.stack([by_dp[d]["loss"] for d in range(layout.dp)]).mean()
-    torch.testing.assert_close(loss, ref["loss"], **LOSS_TOL)
+    rows = BATCH // layout.dp
+    logits = torch.full_like(ref["logits"], float("nan"))
+    losses = torch.zeros(layout.dp)
+    for r in results:  # TP ranks hold the same logits; CP ranks their own positions'
+        dp = r["coords"]["dp"]
+        mine = logits[dp * rows:(dp + 1) * rows]
+        held = ~r["logits"].isnan()
+        mine[held] = r["logits"][held]
+        losses[dp] += r["loss"] / layout.tp
+    torch.testing.assert_close(logits, ref["logits"], **LOGITS_TOL)  # no NaN left: all held
+    torch.testing.assert_close(losses.mean(), ref["loss"], **LOSS_TOL)
     for r in results:
         assert r["grads"].keys() == ref["grads"].keys()
         for name, g in ref["grads"].items():
@@ -152,6 +183,16 @@ def test_fsdp_equals_one_process(dp_shard, model_state, one_process):
     n = sum(p.numel() for p in model_state.values())
     held = sum(s.numel() for s in results[0]["shards"].values())
     assert held == n // dp_shard  # each rank keeps 1/N of every parameter
+
+
+@pytest.mark.slow  # forks 8 gloo ranks
+def test_tp_cp_fsdp_on_8_ranks_equals_one_process(model_state, one_process):
+    """The 4D mesh with three dimensions of 2: TP x CP x DP (FSDP over DP x CP). Each rank's
+    place in the mesh torch built is the paper's numbering (TP fastest)."""
+    layout = Layout(tp=2, cp=2, dp_shard=2)
+    results = run_ranks(run_layout, 8, layout, model_state)
+    assert [r["coords"] for r in results] == [layout.coordinates(i) for i in range(8)]
+    check_equal(results, one_process, layout)
 
 
 def test_coordinates_follow_the_paper():
