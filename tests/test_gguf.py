@@ -135,6 +135,7 @@ def test_metadata_names_and_types_as_llamacpp_reads_them(dtype, small, tmp_path)
                 "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.bos_token_id": tok.bos_id,
                 "tokenizer.ggml.eos_token_id": tok.eos_id,
                 "tokenizer.ggml.eot_token_id": tok.eot_id,
+                "tokenizer.ggml.eom_token_id": tok.eom_id,
                 "tokenizer.ggml.add_bos_token": True, "tokenizer.chat_template": CHAT_TEMPLATE,
                 "general.file_type": {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}[dtype]}
     for key, value in expected.items():

@@ -111,20 +111,22 @@ def test_split_pattern_is_the_issue_s_and_hugging_face_s(meta_path):
 def test_special_tokens_sit_where_meta_puts_them(meta, meta_path):
     hf = {t["content"]: t["id"] for t in
           json.loads((meta_path.parent / "tokenizer.json").read_text())["added_tokens"]}
-    for name in ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                 "<|end_header_id|>", "<|eot_id|>"):
+    for name in ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
+                 "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+                 "<|eot_id|>", "<|python_tag|>"):  # Llama 3.2's tokenizer.json
         assert meta.special_tokens[name] == hf[name]
-    assert (meta.bos_id, meta.eos_id, meta.eot_id) == (128000, 128001, 128009)
+    assert hf["<|image|>"] == 128256  # HF's 3.2 puts it after the 256; Meta's code at 128011
+    assert (meta.bos_id, meta.eos_id, meta.eom_id, meta.eot_id) == (128000, 128001, 128008, 128009)
     assert sorted(meta.special_tokens.values()) == list(range(128000, 128256))
-    assert meta.n_words == 128256 and meta.stop_tokens == {128001, 128009}
-    assert meta.special_tokens["<|reserved_special_token_250|>"] == 128255
+    assert meta.n_words == 128256 and meta.stop_tokens == {128001, 128008, 128009}
+    assert meta.special_tokens["<|reserved_special_token_245|>"] == 128255
 
 
 def test_the_same_layout_follows_a_vocabulary_we_train(ours):
     assert ours.n_ranks == 1024 and ours.n_words == 1280 == 1024 + NUM_SPECIAL_TOKENS
     assert ours.special_tokens == {k: v - 128000 + 1024
                                    for k, v in special_tokens_for(128000).items()}
-    assert (ours.bos_id, ours.eos_id, ours.eot_id) == (1024, 1025, 1033)
+    assert (ours.bos_id, ours.eos_id, ours.eom_id, ours.eot_id) == (1024, 1025, 1032, 1033)
     assert len(set(special_tokens_for(5))) == NUM_SPECIAL_TOKENS
 
 
