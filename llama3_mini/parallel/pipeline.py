@@ -27,6 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
 
 from ..model import Transformer, causal_mask
 
@@ -102,8 +108,6 @@ def pipeline_stages(model: Transformer, pp_group: dist.ProcessGroup | None = Non
     blocks, and an optimizer over `[p for s in stages for p in s.submod.parameters()]`
     updates this rank's part. The other blocks stay in `model` untouched; build the model on
     the meta device first if they must not take memory."""
-    from torch.distributed.pipelining import PipelineStage
-
     pp_size = dist.get_world_size(pp_group)
     pp_rank = dist.get_rank(pp_group)
     n_stages = pp_size * stages_per_rank
@@ -132,9 +136,6 @@ def pipeline_schedule(stages: list, n_microbatches: int, loss_fn=lm_loss, kind: 
     (ScheduleInterleaved1F1B, several stages a rank, as `pipeline_stages(...,
     stages_per_rank=v)` builds them). The batch given to `step` must divide into
     n_microbatches equal parts."""
-    from torch.distributed.pipelining import (Schedule1F1B, ScheduleGPipe,
-                                              ScheduleInterleaved1F1B)
-
     if kind not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {kind!r}: use one of {SCHEDULES}")
     if kind == "interleaved":
