@@ -11,9 +11,9 @@
   parameter, each fine-tuned alike (make_pretraining_lengths.py, about twelve minutes);
   chapter 07;
 - assets/qa-mix-0/ and assets/qa-mix-25/: the story model trained on with 0% and 25% of its
-  documents question-answer dialogs (make_qa_finetunes.py, `mixture`, two minutes); chapter 10;
+  documents question-answer dialogs (make_qa_finetunes.py, `mixture`, two minutes); lab 10_lab_qa_mixture;
 - assets/lora-token-rows/: qa-lora's recipe with the output rows of the reply tokens the
-  stories never contain trainable too (make_token_rows.py, three to five minutes); chapter 07b;
+  stories never contain trainable too (make_token_rows.py, three to five minutes); lab 07b_lab_output_rows;
 - assets/long-recall/: the story model stretched to 2,048 positions and fine-tuned to carry a
   name far (make_long_recall.py, two minutes); chapter 08;
 - assets/collapse-seeds/: chapter 10's model-collapse chains for five more seeds, numbers only
@@ -26,7 +26,10 @@
   `llama3-mini train --max-minutes` sizes its model by;
 - assets/document-mask/: Llama 3's document mask, training with and without it at equal steps
   in pre-training and in chapter 08's continued training at 2,048 tokens, numbers only
-  (make_document_mask.py, about fifteen minutes); chapter 08.
+  (make_document_mask.py, about fifteen minutes); chapter 08;
+- assets/quantization/: quality against size, every quantization scheme of quantization.py
+  and llama.cpp's GGUF types on the story model and qa-full, numbers only
+  (make_quantization.py, about a minute of CPU); chapter 11b.
 
 Each folder holds model.safetensors (float16), config.json, tokenizer.tiktoken, card.json and
 README.md (the card). `--only byte-model` remakes one of them (the fine-tunes start from the
@@ -51,6 +54,7 @@ import make_long_recall  # noqa: E402
 import make_preference  # noqa: E402
 import make_pretraining_lengths  # noqa: E402
 import make_qa_finetunes  # noqa: E402
+import make_quantization  # noqa: E402
 import make_scaling  # noqa: E402
 import make_token_rows  # noqa: E402
 
@@ -155,7 +159,8 @@ def main(argv=None) -> None:
     parser.add_argument("--only", choices=["story-model", "byte-model", "qa-finetunes",
                                            "pretraining-lengths", "long-recall",
                                            "lora-token-rows", "collapse-seeds",
-                                           "preference", "scaling-laws", "document-mask"],
+                                           "preference", "scaling-laws", "document-mask",
+                                           "quantization"],
                         help="remake only this asset (default: both)")
     args = parser.parse_args(argv)
     if args.only != "story-model":
@@ -168,7 +173,8 @@ def main(argv=None) -> None:
     one = {"pretraining-lengths": make_pretraining_lengths.main,
            "long-recall": make_long_recall.main, "collapse-seeds": make_collapse_seeds.main,
            "lora-token-rows": make_token_rows.main, "preference": make_preference.main,
-           "scaling-laws": make_scaling.main, "document-mask": make_document_mask.main}
+           "scaling-laws": make_scaling.main, "document-mask": make_document_mask.main,
+           "quantization": make_quantization.main}
     if args.only in one:
         one[args.only](args.threads)
         return
@@ -227,6 +233,7 @@ def main(argv=None) -> None:
     make_preference.main(args.threads)  # from the story model and qa-lora
     make_scaling.main(args.threads)
     make_document_mask.main(args.threads)  # from the story model
+    make_quantization.main(args.threads)  # from the story model and qa-full
 
 
 def _print_evals(trainer) -> None:

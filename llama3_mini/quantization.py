@@ -1,11 +1,11 @@
 """Quantization: weights stored in fewer bits, each scheme written from its definition.
 
 Symmetric absmax int8: a block of weights shares one scale s = max|w| / 127 and each weight is
-stored as q = round(w / s), an integer in [-127, 127]; w is read back as q * s. The block is
-the whole tensor, one output row, or a group of 32 consecutive weights of a row (GGUF's q8_0:
-the scale in float16, the rounding half away from zero, as llama.cpp's ggml-quants.c does).
+stored as q = round(w / s), an integer in [-127, 127]; w is read back as q * s (int4: 7 for
+127). The block is the whole tensor, one output row, or a group of 32 consecutive weights of a
+row (GGUF's q8_0: the scale in float16, rounding half away from zero, as ggml-quants.c does).
 
-    absmax_int8(torch.tensor([[0.5, -1.0, 0.25]]), "row")  ->  q [[64, -127, 32]], s [[1/127]]
+    absmax(torch.tensor([[0.5, -1.0, 0.25]]), "row")  ->  q [[64, -127, 32]], s [[1/127]]
 
 int4 in groups of 32, q4_0's layout: the scale maps the weight of largest magnitude, with its
 sign, to -8 (d = w_max / -8), so the group spends all 16 levels -8..7; q = trunc(w / d + 8.5)
@@ -32,7 +32,7 @@ from torch import nn
 GROUP = 32  # weights per block in GGUF's q8_0, q4_0, q5_0
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 FP8_ACTIVATION_CAP = 1200.0  # Meta's upper bound on a token's max|x| (loader.py's default)
-SCHEMES = ("int8-tensor", "int8-row", "q8_0", "q4_0", "fp8")
+SCHEMES = ("int8-tensor", "int8-row", "q8_0", "int4-tensor", "int4-row", "q4_0", "fp8")
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
@@ -52,8 +52,9 @@ def _groups(w: torch.Tensor, size: int) -> torch.Tensor:
     return w.reshape(out, n_in // size, size)
 
 
-def absmax_int8(w: torch.Tensor, per: str = "row", group_size: int = GROUP):
-    """Symmetric int8 of a (out, in) matrix: (q int8 (out, in), scales (out or 1, n_groups)).
+def absmax(w: torch.Tensor, per: str = "row", bits: int = 8, group_size: int = GROUP):
+    """Symmetric absmax of a (out, in) matrix: (q int8 (out, in), scales (out or 1, n_groups)),
+    q in [-(2^(bits-1) - 1), 2^(bits-1) - 1]: [-127, 127] for int8, [-7, 7] for int4.
     per: "tensor" (one scale), "row" (one per output row) or "group" (one per group_size
     weights of a row, in float16 as q8_0 stores it). The integers are computed with the
     float32 scale, as ggml does, before the scale is stored."""
@@ -66,7 +67,7 @@ def absmax_int8(w: torch.Tensor, per: str = "row", group_size: int = GROUP):
         blocks = _groups(w, group_size)
     else:
         raise ValueError(f"per must be 'tensor', 'row' or 'group', not {per!r}")
-    scale = blocks.abs().amax(-1, keepdim=True) / 127  # (rows, n_groups, 1)
+    scale = blocks.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)  # (rows, groups, 1)
     inv = torch.where(scale == 0, 0.0, 1.0 / scale)
     q = round_half_away(blocks * inv).to(torch.int8).reshape(w.shape)
     scale = scale.squeeze(-1)
@@ -160,7 +161,8 @@ def fp8_per_token(x: torch.Tensor, cap: float | None = FP8_ACTIVATION_CAP):
 class QuantLinear(nn.Module):
     """A linear layer (no bias) that stores integers and scales, not float weights, and
     dequantizes its weight at every call. scheme: "int8-tensor", "int8-row", "q8_0" (int8
-    in groups of 32) or "q4_0" (int4 in groups of 32, two values a byte)."""
+    in groups of 32), "int4-tensor", "int4-row" or "q4_0" (int4 in groups of 32); int4
+    values are stored two a byte."""
 
     def __init__(self, linear: nn.Linear, scheme: str):
         super().__init__()
@@ -169,19 +171,22 @@ class QuantLinear(nn.Module):
         self.scheme, self.in_features, self.out_features = scheme, linear.in_features, \
             linear.out_features
         w = linear.weight
+        per = {"int8-tensor": "tensor", "int8-row": "row", "q8_0": "group",
+               "int4-tensor": "tensor", "int4-row": "row"}
         if scheme == "q4_0":
             q, scale = q4_0(w)
-            q = pack_nibbles(q)  # (out, in // 2) bytes
-        elif scheme in ("int8-tensor", "int8-row", "q8_0"):
-            per = {"int8-tensor": "tensor", "int8-row": "row", "q8_0": "group"}[scheme]
-            q, scale = absmax_int8(w, per)
+        elif scheme in per:
+            q, scale = absmax(w, per[scheme], bits=4 if scheme.startswith("int4") else 8)
         else:
-            raise ValueError(f"unknown scheme {scheme!r}: choose one of {', '.join(SCHEMES[:4])}")
+            raise ValueError(f"unknown scheme {scheme!r}: choose one of {', '.join(SCHEMES[:6])}")
+        self.packed = scheme.startswith("int4") or scheme == "q4_0"
+        if self.packed:
+            q = pack_nibbles(q)  # (out, in // 2) bytes
         self.register_buffer("q", q.to(w.device))
         self.register_buffer("scale", scale.to(w.device))
 
     def weight_dequantized(self) -> torch.Tensor:
-        q = unpack_nibbles(self.q) if self.scheme == "q4_0" else self.q
+        q = unpack_nibbles(self.q) if self.packed else self.q
         return dequantize(q, self.scale)
 
     def forward(self, x):
@@ -268,13 +273,17 @@ def stored_bytes(module: nn.Module) -> int:
     return total
 
 
-def linear_bits_per_weight(model) -> float:
-    """Stored bits per weight of the linear layers alone (integers and scales, measured)."""
+def linear_bits_per_weight(model, float_bits: int | None = None) -> float:
+    """Stored bits per weight of the linear layers alone (integers and scales, measured).
+    float_bits: count a layer left in float at this many bits (16: as served in bf16)
+    instead of the float32 it is held in here."""
     bits, weights = 0, 0
     for m in model.modules():
         if isinstance(m, (nn.Linear, QuantLinear, Fp8Linear)):
-            bits += 8 * stored_bytes(m)
-            weights += m.in_features * m.out_features
+            n = m.in_features * m.out_features
+            plain = isinstance(m, nn.Linear) and float_bits is not None
+            bits += n * float_bits if plain else 8 * stored_bytes(m)
+            weights += n
     return bits / weights
 
 
@@ -286,5 +295,25 @@ def kl_per_token(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     return (ref.exp() * (ref - F.log_softmax(logits.float(), -1))).sum(-1)
 
 
-def nats_to_bits(nats: float) -> float:
-    return nats / math.log(2)
+@torch.no_grad()
+def text_logits(model, texts_ids: list[list[int]]) -> list[torch.Tensor]:
+    """Each text's logits at every position, one text at a time: [(n, vocab) float32]."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    out = [model(torch.tensor([ids], device=device))[0].float().cpu() for ids in texts_ids]
+    model.train(was)
+    return out
+
+
+def bits_and_kl(logits: list[torch.Tensor], ref_logits: list[torch.Tensor],
+                texts_ids: list[list[int]], n_bytes: int) -> dict:
+    """Bits per byte (each token's -log2 p, after <|begin_of_text|>, over the texts' UTF-8
+    bytes) and the mean KL per token from the reference's logits, in nats."""
+    nats, kl, tokens = 0.0, 0.0, 0
+    for got, ref, ids in zip(logits, ref_logits, texts_ids, strict=True):
+        targets = torch.tensor(ids[1:])
+        nats += F.cross_entropy(got[:-1], targets, reduction="sum").item()
+        kl += kl_per_token(ref[:-1], got[:-1]).sum().item()
+        tokens += len(targets)
+    return {"bpb": nats / math.log(2) / n_bytes, "kl": kl / tokens}

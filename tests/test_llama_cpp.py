@@ -26,7 +26,7 @@ from llama3_mini.finetune import answer, make_qa, split_qa
 from llama3_mini.generate import generate
 from llama3_mini.gguf_export import export_gguf
 from llama3_mini.llama_cpp import LlamaCpp
-from llama3_mini.quantization import absmax_int8, dequantize, q4_0
+from llama3_mini.quantization import absmax, dequantize, q4_0
 from llama3_mini.tokenizer import ChatFormat
 
 gguf = pytest.importorskip("gguf")
@@ -52,7 +52,7 @@ def rounded(model, dtype):
             if dtype == "f16":
                 p.copy_(p.half().float())
             elif dtype == "q8_0":
-                p.copy_(dequantize(*absmax_int8(p, "group")))
+                p.copy_(dequantize(*absmax(p, "group")))
             elif dtype == "q4_0":
                 p.copy_(dequantize(*q4_0(p)))
             else:

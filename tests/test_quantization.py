@@ -15,7 +15,7 @@ from llama3_mini.quantization import (
     SCHEMES,
     Fp8Linear,
     QuantLinear,
-    absmax_int8,
+    absmax,
     dequantize,
     dequantized_model,
     fp8_per_token,
@@ -52,7 +52,7 @@ def _matrices():
 def test_blocks_equal_gguf_quants_bit_for_bit(kind):
     qtype = gguf.GGMLQuantizationType[kind.upper()]
     for w in _matrices():
-        q, scale = absmax_int8(w, "group") if kind == "q8_0" else q4_0(w)
+        q, scale = absmax(w, "group") if kind == "q8_0" else q4_0(w)
         ref = gguf.quants.quantize(w.numpy(), qtype)
         ours = gguf_blocks(q, scale, kind)
         assert np.array_equal(ours, ref.reshape(ours.shape)), kind
@@ -65,10 +65,10 @@ def test_int8_per_tensor_and_row_equal_torchs_qint8():
     """torch.quantize_per_tensor/per_channel with zero point 0 and our absmax scale give the
     same integers (away from exact ties, where torch rounds to even and ggml away from 0)."""
     w = _matrices()[0]
-    q, s = absmax_int8(w, "tensor")
+    q, s = absmax(w, "tensor")
     ref = torch.quantize_per_tensor(w, s.item(), 0, torch.qint8)
     assert torch.equal(q, ref.int_repr())
-    q, s = absmax_int8(w, "row")
+    q, s = absmax(w, "row")
     ref = torch.quantize_per_channel(w, s[:, 0].double(), torch.zeros(len(w), dtype=torch.long),
                                      0, torch.qint8)
     assert torch.equal(q, ref.int_repr())
@@ -158,7 +158,9 @@ def test_memory_is_measured_from_the_stored_tensors():
     model = _model()
     shapes = [m.weight.shape for m in model.modules() if isinstance(m, torch.nn.Linear)]
     per_layer = {"int8-tensor": lambda o, i: o * i + 4, "int8-row": lambda o, i: o * i + 4 * o,
-                 "q8_0": lambda o, i: o * i // 32 * 34, "q4_0": lambda o, i: o * i // 32 * 18}
+                 "q8_0": lambda o, i: o * i // 32 * 34, "q4_0": lambda o, i: o * i // 32 * 18,
+                 "int4-tensor": lambda o, i: o * i // 2 + 4,
+                 "int4-row": lambda o, i: o * i // 2 + 4 * o}
     n = sum(o * i for o, i in shapes)
     for scheme, size in per_layer.items():
         q = quantize_model(model, scheme)
@@ -183,4 +185,4 @@ def test_errors_say_what_to_do():
     with pytest.raises(ValueError, match="unknown scheme 'int3'"):
         quantize_model(_model(), "int3")
     with pytest.raises(ValueError, match="per must be"):
-        absmax_int8(torch.randn(2, 32), "column")
+        absmax(torch.randn(2, 32), "column")
