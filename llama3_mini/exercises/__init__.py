@@ -25,6 +25,7 @@ from .layers import (
     check_rope_scores,
     ffn_params,
 )
+from .parallel import check_cp_chunks
 from .posttraining import check_dpo_loss
 from .scaling import check_compute_optimal
 from .training import (
@@ -46,4 +47,5 @@ __all__ = [
     "first_difference", "check_lr_schedule", "check_text_bits_per_byte",
     "check_loss_mask", "check_lora_params", "check_rope_scaling", "check_stretch_context",
     "check_merge_shards", "check_name_entropy", "check_dpo_loss", "check_compute_optimal",
+    "check_cp_chunks",
 ]
