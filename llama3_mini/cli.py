@@ -129,7 +129,7 @@ def cmd_train(args) -> None:
     from .scaling import law_for_train
     from .stories import entropy_bits_per_byte
     from .tokenizer import Tokenizer
-    from .train import TrainConfig, Trainer
+    from .train import TrainConfig
 
     docs, stories = _corpus(args)
     law = law_for_train(args)
@@ -177,8 +177,10 @@ def cmd_train(args) -> None:
                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
                       bf16=args.bf16, max_minutes=args.max_minutes,
                       fast_attention=not args.explicit_attention)
-    trainer = Trainer(Transformer(margs), data, cfg, out_dir=out_dir,
-                      tokenizer_path=tok_path.resolve(), device=args.device)
+    from .parallel.trainer import make_trainer  # Trainer, or split by --tp/--cp/--dp-shard
+
+    trainer = make_trainer(args, Transformer(margs), data, cfg, out_dir=out_dir,
+                           tokenizer_path=tok_path.resolve(), device=args.device)
     if trainer.rank == 0 and trainer.step:
         print(f"resuming from {trainer.last_checkpoint} (step {trainer.step})")
     history = trainer.fit(progress=not args.quiet)
@@ -311,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explicit-attention", action="store_true",
                    help="the written-out attention instead of scaled_dot_product_attention")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best there is)")
+    for flag, what in (("tp", "tensor"), ("cp", "context"), ("pp", "pipeline"),
+                       ("dp-shard", "fully sharded data")):  # llama3_mini/parallel/
+        p.add_argument("--" + flag, type=_positive(int), default=1,
+                       help=f"{what}-parallel degree under torchrun (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
