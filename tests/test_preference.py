@@ -2,8 +2,10 @@
 paper's formula, Meta's formatting mask and NLL term, the frozen reference, rejection
 sampling and pass@k against independent counts."""
 import itertools
+import json
 import math
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -83,28 +85,68 @@ def _random_logps(batch, seq, seed):
     return logps.double(), ref.double(), mask
 
 
-@pytest.mark.slow  # importing trl takes seconds
-@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_dpo_loss_equals_trls_sigmoid_loss(beta, seed):
-    logps, ref, mask = _random_logps(4, 7, seed)
-    pc, pr = logps.sum(-1).chunk(2)
-    rc, rr = ref.sum(-1).chunk(2)
-    ours = dpo_loss(pc, pr, rc, rr, beta)[0].mean()
-    theirs = trl_loss(logps, mask, rc, rr, beta, ["sigmoid"], [1.0])
-    torch.testing.assert_close(ours, theirs)
+# TRL's losses stored, so that `make test-fast` checks against TRL without importing it (which
+# takes seconds): each case's inputs and TRL 1.16's loss on them, written by
+# `python tests/test_preference.py`; the slow test below recomputes every stored loss with TRL.
+TRL_FIXTURE = Path(__file__).parent / "data" / "trl_dpo_losses.json"
 
 
-@pytest.mark.slow
-def test_dpo_objective_with_the_nll_term_equals_trls_sigmoid_plus_sft_at_0_2():
-    """Meta's NLL coefficient 0.2 on the chosen responses is TRL's loss_type
-    ["sigmoid", "sft"] with loss_weights [1, 0.2] (the chosen tokens' mean NLL)."""
-    logps, ref, mask = _random_logps(3, 9, 7)
-    rc, rr = ref.sum(-1).chunk(2)
-    ours, stats = dpo_objective(logps, ref, mask, mask.chunk(2)[0], beta=0.1, nll=0.2)
-    theirs = trl_loss(logps, mask, rc, rr, 0.1, ["sigmoid", "sft"], [1.0, 0.2])
-    torch.testing.assert_close(ours, theirs)
+def _trl_cases():
+    """(name, logps, ref, mask, beta, loss_types, loss_weights) for each stored case."""
+    for beta, seed in itertools.product([0.1, 0.5, 2.0], [0, 1]):
+        yield (f"sigmoid beta {beta} seed {seed}", *_random_logps(4, 7, seed), beta,
+               ["sigmoid"], [1.0])
+    yield ("sigmoid + sft 0.2", *_random_logps(3, 9, 7), 0.1, ["sigmoid", "sft"], [1.0, 0.2])
+
+
+def write_trl_fixture():
+    cases = []
+    for name, logps, ref, mask, beta, types, weights in _trl_cases():
+        rc, rr = ref.sum(-1).chunk(2)
+        loss = trl_loss(logps, mask, rc, rr, beta, types, weights)
+        cases.append({"name": name, "beta": beta, "loss_types": types, "loss_weights": weights,
+                      "logps": logps.tolist(), "ref": ref.tolist(), "mask": mask.tolist(),
+                      "trl_loss": loss.item()})
+    TRL_FIXTURE.parent.mkdir(exist_ok=True)
+    TRL_FIXTURE.write_text(json.dumps({"trl": "1.16.0", "cases": cases}) + "\n")
+
+
+def _stored_trl_cases():
+    for case in json.loads(TRL_FIXTURE.read_text())["cases"]:
+        tensors = [torch.tensor(case[k], dtype=torch.float64) for k in ("logps", "ref")]
+        yield case, *tensors, torch.tensor(case["mask"])
+
+
+def _ours(logps, ref, mask, case):
+    """The package's loss for a case: DPO alone, or DPO with Meta's NLL term, whose
+    coefficient 0.2 on the chosen responses is TRL's loss_type ["sigmoid", "sft"] with
+    loss_weights [1, 0.2] (the chosen tokens' mean NLL)."""
+    if case["loss_types"] == ["sigmoid"]:
+        pc, pr = logps.sum(-1).chunk(2)
+        rc, rr = ref.sum(-1).chunk(2)
+        return dpo_loss(pc, pr, rc, rr, case["beta"])[0].mean()
+    nll = case["loss_weights"][1]
+    loss, stats = dpo_objective(logps, ref, mask, mask.chunk(2)[0], beta=case["beta"], nll=nll)
     assert stats["nll"] > 0 and stats["loss"] > stats["dpo"]
+    return loss
+
+
+def test_dpo_losses_equal_trl_s_stored_losses():
+    """Fast: TRL's losses as stored; the slow test below checks they are still TRL's."""
+    for case, logps, ref, mask in _stored_trl_cases():
+        ours = _ours(logps, ref, mask, case)
+        assert ours.item() == pytest.approx(case["trl_loss"], rel=1e-12, abs=1e-12), case["name"]
+
+
+@pytest.mark.slow  # imports trl
+def test_the_stored_trl_losses_are_trl_s_own():
+    stored = list(_stored_trl_cases())
+    assert [c["name"] for c, *_ in stored] == [c[0] for c in _trl_cases()]
+    for case, logps, ref, mask in stored:
+        rc, rr = ref.sum(-1).chunk(2)
+        theirs = trl_loss(logps, mask, rc, rr, case["beta"], case["loss_types"],
+                          case["loss_weights"])
+        assert theirs.item() == case["trl_loss"], case["name"]
 
 
 # --- The paper's formula, by hand ----------------------------------------------------------
@@ -276,40 +318,53 @@ def test_pass_at_k_counts_every_draw(n):
 
 # --- The exercise's checker names each likely mistake --------------------------------------
 
-def _learner(sign=1.0, ref=True, mask=lambda m: m, mean=False, beta=None, per_pair=False):
-    """A learner's DPO loss, written here without the package, right or wrong in one way."""
-    def fn(pc, pr, rc, rr, mc, mr, b):
-        def logp(x, m):
-            s = (x * mask(m)).sum(-1)
-            return s / mask(m).sum(-1) if mean else s
-        delta = (logp(pc, mc) - (logp(rc, mc) if ref else 0)) - (
-            logp(pr, mr) - (logp(rr, mr) if ref else 0))
-        losses = -torch.nn.functional.logsigmoid(sign * (b if beta is None else beta) * delta)
-        return losses if per_pair else losses.mean()
+def _learner(dpo_special=False, nll_special=True, prompt=False, nll_rejected=False,
+             nll_sum=False, nll_sign=-1.0, nll_weight=True, per_pair=False):
+    """A learner's Llama 3 DPO objective, written here without the package, right or wrong in
+    one way: masks from the targets, DPO on summed log-probs, NLL on the chosen replies."""
+    def fn(pc, pr, rc, rr, tc, tr, first_special, beta, nll):
+        def dpo_mask(t):
+            if prompt:  # -100 < first_special: the prompt slips in
+                return t < first_special
+            return (t != -100) if dpo_special else (t != -100) & (t < first_special)
+
+        def nll_mask(t):
+            return (t != -100) if nll_special else (t != -100) & (t < first_special)
+
+        def logp(x, t):
+            return torch.where(dpo_mask(t), x, torch.zeros_like(x)).sum(-1)
+
+        margin = beta * ((logp(pc, tc) - logp(rc, tc)) - (logp(pr, tr) - logp(rr, tr)))
+        dpo = -torch.nn.functional.logsigmoid(margin)
+        tokens = [pc[nll_mask(tc)]] + ([pr[nll_mask(tr)]] if nll_rejected else [])
+        tokens = torch.cat(tokens)
+        term = nll_sign * (tokens.sum() if nll_sum else tokens.mean())
+        return (dpo if per_pair else dpo.mean()) + (nll * term if nll_weight else 0)
     return fn
 
 
 @pytest.mark.parametrize("wrong, named", [
-    (_learner(sign=-1.0), "the sign"),
-    (_learner(ref=False), "no reference model"),
-    (_learner(mask=lambda m: ~m), "the mask applied to the prompt"),
-    (_learner(mask=torch.ones_like), "no mask"),
-    (_learner(mean=True), "averaged log-probs"),
-    (_learner(beta=1.0), "beta forgotten"),
+    (_learner(nll_special=False), "the NLL term masked like the DPO terms"),
+    (_learner(dpo_special=True), "formatting tokens left in the DPO terms"),
+    (_learner(prompt=True), "the prompt counted"),
+    (_learner(nll_rejected=True), "the NLL term on the rejected replies too"),
+    (_learner(nll_sum=True), "the NLL term summed"),
+    (_learner(nll_sign=1.0), "the NLL term's sign"),
+    (_learner(nll_weight=False), "the NLL term forgotten"),
     (_learner(per_pair=True), "one loss per pair"),
 ])
-def test_check_dpo_loss_names_the_mistake(wrong, named, capsys):
-    from llama3_mini.exercises import check_dpo_loss
+def test_check_llama3_dpo_loss_names_the_mistake(wrong, named, capsys):
+    from llama3_mini.exercises import check_llama3_dpo_loss
 
-    assert not check_dpo_loss(wrong)
+    assert not check_llama3_dpo_loss(wrong)
     out = capsys.readouterr().out
     assert f"→ {named}" in out, out
 
 
-def test_check_dpo_loss_accepts_the_right_loss(capsys):
-    from llama3_mini.exercises import check_dpo_loss
+def test_check_llama3_dpo_loss_accepts_the_right_objective(capsys):
+    from llama3_mini.exercises import check_llama3_dpo_loss
 
-    assert check_dpo_loss(_learner())
+    assert check_llama3_dpo_loss(_learner())
     assert "right on all 5 cases" in capsys.readouterr().out
 
 
@@ -344,3 +399,7 @@ def test_sample_replies_are_seeded_and_shaped():
     one = sample_replies(model, _TextTok(), _Chat(), ex, k=4, max_new_tokens=5, seed=3)
     again = sample_replies(model, _TextTok(), _Chat(), ex, k=4, max_new_tokens=5, seed=3)
     assert one == again and len(one) == 3 and all(len(s) == 4 for s in one)
+
+
+if __name__ == "__main__":  # rewrite tests/data/trl_dpo_losses.json with the installed TRL
+    write_trl_fixture()
