@@ -171,38 +171,43 @@ def test_errors_say_what_to_do():
     assert DIMS[:3] == (8, 16, 32)
 
 
-def _learner(tokens_per=6, swap=False, as_tokens=False, base=False):
-    """A learner's compute_optimal written independently of the package's, with switches."""
-    def fn(flops, a, alpha):
-        n = a * 10 ** (alpha * math.log(flops)) if base else a * math.exp(alpha * math.log(flops))
-        if as_tokens:
-            n = flops / (tokens_per * n)
-        d = flops / (tokens_per * n)
-        return (d, n) if swap else (n, d)
+def _learner(log=np.log10, undo=lambda x: 10 ** x, half=True, measured=False, linear=False):
+    """A learner's IsoFLOP optimum written independently of the package's, with switches:
+    the parabola's coefficients by solving the normal equations, its vertex by hand."""
+    def fn(params, losses):
+        if measured:
+            return min(zip(params, losses, strict=True), key=lambda p: p[1])
+        x = np.asarray(params, float) if linear else log(np.asarray(params, float))
+        design = np.stack([x ** 2, x, np.ones_like(x)], axis=1)
+        a, b, c = np.linalg.solve(design.T @ design, design.T @ np.asarray(losses, float))
+        x_opt = -b / (2 * a) if half else -b / a
+        return (x_opt if linear else undo(x_opt)), a * x_opt ** 2 + b * x_opt + c
     return fn
 
 
 @pytest.mark.parametrize("wrong, named", [
-    (_learner(tokens_per=2), "counts 2 FLOPs per parameter per token"),
-    (_learner(swap=True), "swaps tokens and parameters"),
-    (_learner(as_tokens=True), "swaps tokens and parameters"),
-    (_learner(base=True), "mixes log bases"),
+    (_learner(measured=True), "the measured minimum"),
+    (_learner(linear=True), "a parabola in N itself"),
+    (_learner(half=False), "the vertex at -b / a"),
+    (_learner(undo=lambda x: x), "log10 N returned"),
+    (_learner(log=np.log), "mixed log bases"),
 ])
-def test_check_compute_optimal_names_the_mistake(wrong, named, capsys):
-    from llama3_mini.exercises import check_compute_optimal
+def test_check_isoflop_optimum_names_the_mistake(wrong, named, capsys):
+    from llama3_mini.exercises import check_isoflop_optimum
 
-    assert not check_compute_optimal(wrong)
-    assert f"→ this {named}" in capsys.readouterr().out
+    assert not check_isoflop_optimum(wrong)
+    out = capsys.readouterr().out
+    assert f"→ {named}" in out, out
 
 
-def test_check_compute_optimal_accepts_the_right_answer(capsys):
-    from llama3_mini.exercises import check_compute_optimal
+def test_check_isoflop_optimum_accepts_the_right_answer(capsys):
+    from llama3_mini.exercises import check_isoflop_optimum
 
-    assert check_compute_optimal(_learner())
+    assert check_isoflop_optimum(_learner())
     assert "right on all 6 cases" in capsys.readouterr().out
-    # Chinchilla's rule of thumb from the same formula: N = D / 20 at 20 tokens per parameter
-    n, d = _learner()(5.76e23, (1 / 120) ** 0.5, 0.5)
-    assert d / n == pytest.approx(20.0)
+    # on three points of a known parabola, the vertex exactly: loss = (log10 N - 4)^2 + 2
+    n, loss = _learner()([1e3, 1e4, 1e5], [3.0, 2.0, 3.0])
+    assert n == pytest.approx(1e4) and loss == pytest.approx(2.0)
 
 
 def test_shape_for_minutes_says_why_and_where_the_loss_is_not_predicted(capsys):

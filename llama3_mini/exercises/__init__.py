@@ -22,16 +22,13 @@ from .layers import (
     check_ffn_params,
     check_fused_swiglu,
     check_gqa_attention,
-    check_mean_pool_kv,
     check_rope_rotate,
     check_rope_scores,
     ffn_params,
 )
 from .parallel import check_cp_chunks
 from .posttraining import check_llama3_dpo_loss
-from .quantization import check_q4_0_block
-from .scaling import check_isoflop_optimum
-from .synthetic_data import check_next_names
+from .scaling import check_compute_optimal, check_isoflop_optimum  # the first: until 06c moves
 from .training import (
     check_lora_params,
     check_loss_mask,
@@ -46,11 +43,11 @@ from .training import (
 __all__ = [
     "check_count_params", "count_params_with_qkv_bias", "check_count_params_qkv_bias",
     "check_merge", "check_count_pairs", "check_dialog_prompt", "check_rope_rotate",
-    "check_rope_scores", "check_gqa_attention", "check_mean_pool_kv", "check_ffn_hidden_dim",
+    "check_rope_scores", "check_gqa_attention", "check_ffn_hidden_dim",
     "ffn_params",
     "check_ffn_params", "check_fused_swiglu", "check_top_p", "run_checks", "same",
     "first_difference", "check_lr_schedule", "check_text_bits_per_byte",
     "check_loss_mask", "check_lora_params", "check_rope_scaling", "check_stretch_context",
     "check_merge_shards", "check_name_entropy", "check_llama3_dpo_loss", "check_isoflop_optimum",
-    "check_q4_0_block", "check_next_names", "check_cp_chunks",
+    "check_compute_optimal", "check_cp_chunks",
 ]
