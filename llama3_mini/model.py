@@ -30,13 +30,12 @@ class RMSNorm(nn.Module):
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(batch, seq, n_kv_heads, head_dim) -> (batch, seq, n_kv_heads * n_rep, head_dim):
-    each KV head serves n_rep query heads (grouped-query attention)."""
-    if n_rep == 1:
-        return x
-    bs, slen, n_kv_heads, head_dim = x.shape
-    return x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim).reshape(
-        bs, slen, n_kv_heads * n_rep, head_dim)
+    """Grouped-query attention's sharing (notebook 03): each key (or value) head is read by
+    n_rep query heads in a row, so query head h reads KV head h // n_rep. Each KV head is
+    copied n_rep times, the copies side by side: heads [K0, K1], n_rep 2 -> [K0, K0, K1, K1]
+    (not [K0, K1, K0, K1], which would give query head 1 the wrong keys).
+    (batch, seq, n_kv_heads, head_dim) -> (batch, seq, n_kv_heads * n_rep, head_dim)."""
+    return x if n_rep == 1 else torch.repeat_interleave(x, n_rep, dim=2)
 
 
 def causal_mask(seqlen: int, start_pos: int = 0, device=None) -> torch.Tensor:

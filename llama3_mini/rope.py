@@ -62,13 +62,29 @@ def freqs_cis_for(args) -> torch.Tensor:
         original_max_seq_len=args.rope_original_max_seq_len)
 
 
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn every adjacent pair (x[..., 2i], x[..., 2i + 1]) = (a, b) of the last dimension by
+    the angle whose cosine and sine are given: (a, b) -> (a cos - b sin, a sin + b cos), the 2-D
+    rotation of notebook 02. x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim // 2).
+    [1, 0, 2, 0] with cos [0, 1] and sin [1, 0] (pair 0 a quarter turn, pair 1 none)
+    -> [0, 1, 2, 0]. The sums are done in float32 and the result has x's dtype."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, seq, 1, hd/2): every head
+    a, b = x[..., 0::2].float(), x[..., 1::2].float()  # (batch, seq, heads, head_dim // 2)
+    turned = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)  # (..., hd/2, 2)
+    return turned.flatten(-2).type_as(x)  # the pairs adjacent again: (..., head_dim)
+
+
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
-    """Rotate queries and keys. xq: (batch, seq, n_heads, head_dim); xk: (batch, seq,
-    n_kv_heads, head_dim); freqs_cis: (seq, head_dim // 2). Adjacent dimensions (2i, 2i+1)
-    form the real and imaginary parts of one complex number, as in Meta's code."""
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (b, s, h, hd/2)
-    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    rot = freqs_cis[None, :, None, :]  # (1, seq, 1, head_dim // 2): broadcast over batch, heads
-    xq_out = torch.view_as_real(xq_ * rot).flatten(3)
-    xk_out = torch.view_as_real(xk_ * rot).flatten(3)
-    return xq_out.type_as(xq), xk_out.type_as(xk)
+    """Queries (batch, seq, n_heads, head_dim) and keys (batch, seq, n_kv_heads, head_dim)
+    turned by their positions' angles; freqs_cis: (seq, head_dim // 2), from
+    precompute_freqs_cis.
+
+    Why complex numbers: read a pair (a, b) as the complex number a + ib. Multiplying it by
+    e^(i angle) = cos + i sin gives (a cos - b sin) + i (a sin + b cos): the same rotation. So
+    a table of e^(i * position * freq) is a table of cosines (its real parts) and sines (its
+    imaginary parts), and Meta's reference rotates by one complex product per pair. Here the
+    table is read as cosines and sines and the rotation is done as the real arithmetic above;
+    tests/test_parity.py checks it equals transformers' rotation (after Hugging Face's
+    permutation of wq and wk)."""
+    cos, sin = freqs_cis.real, freqs_cis.imag
+    return rotate_pairs(xq, cos, sin), rotate_pairs(xk, cos, sin)

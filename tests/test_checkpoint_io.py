@@ -5,8 +5,6 @@ from pathlib import Path
 import pytest
 import tiktoken.load
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama3_mini import hub
@@ -100,26 +98,6 @@ def test_meta_folder_without_output_ties_it_to_the_embedding(tmp_path):
     assert model.output.weight is model.tok_embeddings.weight
     tokens = torch.randint(0, 320, (1, 30))
     torch.testing.assert_close(model(tokens), hf_logits(hf, tokens), atol=1e-5, rtol=1e-5)
-
-
-@settings(max_examples=15, deadline=None)
-@given(n_shards=st.sampled_from([1, 2, 4]), seed=st.integers(0, 1000))
-def test_split_then_merge_is_the_identity_and_follows_metas_layout(n_shards, seed):
-    hf = random_hf(tied=False, seed=seed)
-    args = hub.meta_args({"dim": 64, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4,
-                          "vocab_size": 320, "multiple_of": 192})
-    sd = from_hf_state_dict(hf.state_dict(), args)
-    shards = hub.split_meta_shards(sd, n_shards)
-    for name, w in sd.items():
-        dim = META_SPLIT[name.split(".")[-2]]
-        want = list(w.shape)
-        if dim is not None:
-            want[dim] //= n_shards
-        assert list(shards[-1][name].shape) == want, name
-    merged = hub.merge_meta_shards(shards)
-    assert merged.keys() == sd.keys()
-    for name in sd:
-        assert torch.equal(merged[name], sd[name]), name
 
 
 def test_from_pretrained_detects_each_format(tmp_path):

@@ -132,6 +132,22 @@ def fairscale_shards(model: Transformer, world_size: int, folder: Path) -> Path:
     return folder
 
 
+def fairscale_shards_in_one_process(model: Transformer, world_size: int, monkeypatch) -> list:
+    """The same shards with no process group, fast: each rank's layers are built in turn with
+    fairscale's own rank and world-size functions answering that rank. fairscale cuts a slice
+    by those two numbers alone (layers._initialize_affine_weight, VocabUtility), with no
+    collective, so these equal the gloo ranks' shards (the slow test below checks it)."""
+    layers = pytest.importorskip("fairscale.nn.model_parallel.layers",
+                                 reason="fairscale is in the test extra")
+    full = {k: v.detach() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(layers, "get_model_parallel_world_size", lambda: world_size)
+    shards = []
+    for rank in range(world_size):
+        monkeypatch.setattr(layers, "get_model_parallel_rank", lambda rank=rank: rank)
+        shards.append(_meta_rank_state_dict(full))
+    return shards
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     threads = torch.get_num_threads()
@@ -161,17 +177,37 @@ def test_fairscale_shards_merge_into_the_unsplit_model(tmp_path, world_size):
         torch.testing.assert_close(loaded(tokens), model(tokens), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+def test_our_splitter_and_merger_agree_with_fairscale_s_layers(tmp_path, monkeypatch,
+                                                               world_size):
+    """Fast (one process): our splitter cuts what fairscale's layers cut, and our merger
+    rebuilds the model from fairscale's shards."""
+    model = full_model(tied=False)
+    theirs = fairscale_shards_in_one_process(model, world_size, monkeypatch)
+    ours = hub.save_meta(model, tmp_path / "ours", n_shards=world_size)
+    for rank, shard in enumerate(theirs):
+        mine = torch.load(ours / f"consolidated.{rank:02d}.pth", weights_only=True)
+        assert mine.keys() == shard.keys()
+        for name in shard:
+            assert torch.equal(mine[name], shard[name]), (rank, name)
+    merged = hub.merge_meta_shards(theirs)
+    for name, w in model.state_dict().items():
+        assert torch.equal(merged[name], w), name
+
+
 @pytest.mark.slow
-def test_our_splitter_cuts_what_fairscale_cuts(tmp_path):
+def test_our_splitter_cuts_what_fairscale_cuts(tmp_path, monkeypatch):
     model = full_model(tied=False)
     folder = fairscale_shards(model, 8, tmp_path / "fairscale")
     ours = hub.save_meta(model, tmp_path / "ours", n_shards=8)
+    in_one_process = fairscale_shards_in_one_process(model, 8, monkeypatch)
     for rank in range(8):
         theirs = torch.load(folder / f"consolidated.{rank:02d}.pth", weights_only=True)
         mine = torch.load(ours / f"consolidated.{rank:02d}.pth", weights_only=True)
-        assert mine.keys() == theirs.keys()
+        assert mine.keys() == theirs.keys() == in_one_process[rank].keys()
         for name in theirs:
             assert torch.equal(mine[name], theirs[name]), (rank, name)
+            assert torch.equal(in_one_process[rank][name], theirs[name]), (rank, name)
     # params.json in Meta's fields only (no max_seq_len, which Meta's loader passes itself)
     saved = json.loads((ours / "params.json").read_text())
     assert saved == {k: v for k, v in PARAMS.items() if v is not None}

@@ -15,7 +15,7 @@ from llama3_mini.model import (
     model_device,
     repeat_kv,
 )
-from llama3_mini.rope import apply_rotary_emb, precompute_freqs_cis
+from llama3_mini.rope import apply_rotary_emb, precompute_freqs_cis, rotate_pairs
 
 
 def test_rmsnorm_equals_torch_rmsnorm():
@@ -67,6 +67,50 @@ def test_fast_attention_path_equals_explicit_path(n_kv_heads, group, seq, scaled
     fast = model.set_fast_attention(True)(tokens)
     explicit = model.set_fast_attention(False)(tokens)
     torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
+
+
+def _to_hf_halves(x):
+    """Meta's adjacent pairs (2i, 2i + 1) -> Hugging Face's layout, pair i = (i, i + d/2)."""
+    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_rotary_emb_equals_transformers_rotation(scaled):
+    from transformers import LlamaConfig
+    from transformers.models.llama import modeling_llama as hf
+
+    torch.manual_seed(0)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, rope_theta=500000.0,
+                         rope_scaling=scaling if scaled else None)
+    xq, xk = torch.randn(2, 40, 4, 64), torch.randn(2, 40, 2, 64)  # (batch, seq, heads, hd)
+    start = 50  # positions 50..89, as with a cache
+    freqs = precompute_freqs_cis(64, 128, 500000.0, use_scaled=scaled,
+                                 original_max_seq_len=16)[start:start + 40]
+    rq, rk = apply_rotary_emb(xq, xk, freqs)
+    positions = torch.arange(start, start + 40)[None].expand(2, 40)
+    cos, sin = hf.LlamaRotaryEmbedding(config)(xq, positions)
+    hq, hk = hf.apply_rotary_pos_emb(_to_hf_halves(xq).transpose(1, 2),
+                                     _to_hf_halves(xk).transpose(1, 2), cos, sin)
+    torch.testing.assert_close(_to_hf_halves(rq).transpose(1, 2), hq, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(_to_hf_halves(rk).transpose(1, 2), hk, atol=2e-5, rtol=1e-5)
+
+
+def test_rotate_pairs_docstring_example():
+    x = torch.tensor([1.0, 0.0, 2.0, 0.0]).view(1, 1, 1, 4)
+    out = rotate_pairs(x, torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]]))
+    assert out.flatten().tolist() == [0.0, 1.0, 2.0, 0.0]
+
+
+def test_repeat_kv_equals_transformers_repeat_kv():
+    from transformers.models.llama.modeling_llama import repeat_kv as hf_repeat_kv
+
+    x = torch.randn(2, 7, 3, 8)  # (batch, seq, n_kv_heads, head_dim); HF's puts heads first
+    for n_rep in (1, 2, 4):
+        expected = hf_repeat_kv(x.transpose(1, 2), n_rep).transpose(1, 2)
+        assert torch.equal(repeat_kv(x, n_rep), expected)
 
 
 def test_rope_rotation_preserves_norms_and_depends_on_relative_position():

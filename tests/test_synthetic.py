@@ -125,11 +125,24 @@ def test_copy_accuracy_with_an_oracle_and_a_constant(tokenizer):
 
 @settings(max_examples=50, deadline=None)
 @given(counts=st.lists(st.integers(1, 20), min_size=1, max_size=8))
-def test_name_entropy_against_the_formula(counts):
+def test_name_entropy_equals_torch_s_categorical_entropy_and_bounds_the_orders(counts):
     names = [NAMES[i] for i, c in enumerate(counts) for _ in range(c)]
-    n = sum(counts)
-    expected = -sum(c / n * math.log2(c / n) for c in counts)
-    assert abs(name_entropy_bits(names) - expected) < 1e-9
+    n, bits = sum(counts), name_entropy_bits(names)
+    # torch's own entropy of the distribution (in nats), not the formula retyped
+    probs = torch.tensor(counts, dtype=torch.float64) / n
+    assert bits == pytest.approx(torch.distributions.Categorical(probs=probs).entropy().item()
+                                 / math.log(2), abs=1e-9)
+    # an independent count: the list's distinct orders, n! / (c1! c2! ...), number at most
+    # 2 ** (n * H) and at least 2 ** (n * H) / (n + 1) ** (k - 1) (the method of types)
+    orders = math.factorial(n) // math.prod(math.factorial(c) for c in counts)
+    assert math.log2(orders) <= n * bits + 1e-9
+    assert math.log2(orders) >= n * bits - (len(counts) - 1) * math.log2(n + 1) - 1e-9
+
+
+@pytest.mark.parametrize("k, each", [(1, 5), (2, 3), (4, 1), (8, 7)])
+def test_name_entropy_of_k_equally_frequent_names_is_log2_k(k, each):
+    assert name_entropy_bits(NAMES[:k] * each) == pytest.approx(math.log2(k), abs=1e-12)
+    assert name_entropy_bits(["Lily", "Lily", "Tom", "Mia"]) == 1.5  # the docstring's example
 
 
 def test_diversity():
@@ -138,9 +151,10 @@ def test_diversity():
     assert d["distinct"] == pytest.approx(40 / 50) and d["n"] == 50
     heroes = [dict(reversed(s.choices))["hero"] for s in make_stories(40, 2)]
     heroes += heroes[:10]
-    # by hand, not through name_entropy_bits (which diversity calls): -sum p log2 p
-    shares = [heroes.count(h) / len(heroes) for h in set(heroes)]
-    assert d["name_entropy"] == pytest.approx(-sum(p * math.log2(p) for p in shares), rel=1e-12)
+    # torch's entropy of the heroes' shares, not name_entropy_bits (which diversity calls)
+    shares = torch.tensor([heroes.count(h) for h in set(heroes)], dtype=torch.float64)
+    expected = torch.distributions.Categorical(probs=shares / len(heroes)).entropy().item()
+    assert d["name_entropy"] == pytest.approx(expected / math.log(2), rel=1e-12)
     assert 0 < d["name_entropy"] < math.log2(len(NAMES))
 
 
