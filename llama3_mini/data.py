@@ -53,6 +53,22 @@ def _stdlib_sources():
         yield read_text_file(path, errors="replace")
 
 
+def tokenizer_corpus() -> str:
+    """The fixed text chapter 01 trains its tokenizer on (577,473 bytes: a frozen snapshot of
+    the course's own prose and code, assets/tokenizer-corpus/), the same on every machine and
+    every Python, whatever the course has become since."""
+    try:
+        from importlib import resources
+        folder = Path(str(resources.files("llama3_mini.assets")))
+    except ModuleNotFoundError:  # a checkout put on sys.path by hand, never installed
+        folder = Path(__file__).resolve().parent.parent / "assets"
+    path = folder / "tokenizer-corpus" / "corpus.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall the package (pip install -e .) "
+                                "or restore assets/tokenizer-corpus/ from the course's repository")
+    return read_text_file(path)
+
+
 def python_stdlib_corpus(max_files: int | None = 200) -> list[str]:
     """Python source files of the standard library on this machine (code, no download)."""
     return list(islice(_stdlib_sources(), max_files))

@@ -90,9 +90,11 @@ def meta_params(args: ModelArgs) -> dict:
 def meta_args(params: dict, max_seq_len: int | None = None) -> ModelArgs:
     """`ModelArgs` from Meta's params.json. Llama 3.1 and 3.2 say `use_scaled_rope` but not
     by how much: like Hugging Face's converter, take 32 for the 3.2 1B and 3B (dim 2048,
-    3072) and 8 otherwise, unless params.json gives `rope_scaling_factor`. (Meta's reference
-    hard-codes 8, llama-models model.py line 47; Meta confirmed 32 for the 1B and 3B in
-    llama-models issues #166 and #241.)"""
+    3072) and 8 otherwise, unless params.json gives `rope_scaling_factor`. (32 is the
+    `rope_scaling.factor` of the config.json Meta publishes with the 3.2 1B and 3B; Meta's
+    reference hard-codes 8, llama-models model.py line 47, and a reply in llama-models issue
+    #166 says it should be 32 as that file documents; #241 is a user's report of the 8's
+    effect past about 80K tokens.)"""
     params = dict(params)
     if params.get("use_scaled_rope") and "rope_scaling_factor" not in params:
         params["rope_scaling_factor"] = 32.0 if params.get("dim") in (2048, 3072) else 8.0

@@ -123,7 +123,7 @@ def calculator_numbers(preset, context, batch=1, dtype="bfloat16", heads="GQA"):
 def test_kv_cache_calculator(notebook):
     from playwright.sync_api import expect
 
-    page = notebook("03_attention_and_gqa.ipynb", "✓ gqa_attention: right on all")
+    page = notebook("03_attention_and_gqa.ipynb", "heads alike: the converted layer equals")
     w = page.locator(".l3m-kv-cache-calculator")
     w.scroll_into_view_if_needed()
     readout, src = w.locator(".l3m-readout"), w.locator(".l3m-figure").get_attribute("src")
@@ -158,7 +158,7 @@ def test_attention_explorer(notebook):
 
     from llama3_mini.checkpoint import load_pretrained
 
-    page = notebook("03_attention_and_gqa.ipynb", "✓ gqa_attention: right on all")
+    page = notebook("labs/03_lab_copying_heads.ipynb", "the model predicts")
     w = page.locator(".l3m-attention-explorer")
     w.scroll_into_view_if_needed()
     readout, src = w.locator(".l3m-readout"), w.locator(".l3m-figure").get_attribute("src")

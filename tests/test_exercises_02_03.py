@@ -6,7 +6,12 @@ import math
 import pytest
 import torch
 
-from llama3_mini.exercises import check_gqa_attention, check_rope_rotate, check_rope_scores
+from llama3_mini.exercises import (
+    check_gqa_attention,
+    check_mean_pool_kv,
+    check_rope_rotate,
+    check_rope_scores,
+)
 
 
 # ---------------------------------------------------------------------- chapter 02: RoPE
@@ -145,3 +150,42 @@ def test_rope_rotate_checker_names_its_mistakes(capsys):
     assert "→ this turns the wrong way" in capsys.readouterr().out
     assert not check_rope_rotate(lambda x, p, t: rope_by_hand(x, p, t, exponent=1))
     assert "→ this uses the frequency theta ** (-i / head_dim)" in capsys.readouterr().out
+
+
+# ------------------------------------------- chapter 03's exercise: MHA mean-pooled to GQA
+def pool_by_hand(w, n_heads, n_kv_heads, how="grouped"):
+    """Written out head by head, independently of the package's reshapes."""
+    head_dim, n_rep = w.shape[0] // n_heads, n_heads // n_kv_heads
+    head = [w[h * head_dim:(h + 1) * head_dim] for h in range(n_heads)]
+    out = []
+    for g in range(n_kv_heads):
+        if how == "tiled":  # a plausible mistake: heads g, g + n_kv_heads, ...
+            members = [head[g + i * n_kv_heads] for i in range(n_rep)]
+        else:
+            members = head[g * n_rep:(g + 1) * n_rep]
+        if how == "first":
+            out.append(members[0])
+        elif how == "sum":
+            out.append(sum(members))
+        else:
+            out.append(sum(members) / n_rep)
+    if how == "rows":  # neighbouring rows averaged: n_rep rows at a time
+        return torch.stack([w[i:i + n_rep].mean(0) for i in range(0, w.shape[0], n_rep)])
+    return torch.cat(out)
+
+
+def test_mean_pool_checker_accepts_a_right_answer(capsys):
+    assert check_mean_pool_kv(pool_by_hand)
+    assert "✓ mean_pool_kv: right on all 8 cases" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how, why, yours", [
+    ("tiled", "→ this pools heads g, g + n_kv_heads", "[10.0, 11.0, 20.0, 21.0]"),
+    ("rows", "→ this averages neighbouring rows, not whole heads", "[0.5, 10.5, 20.5, 30.5]"),
+    ("sum", "→ this sums the group", "[10.0, 12.0, 50.0, 52.0]"),
+    ("first", "→ this keeps the first head of each group", "[0.0, 1.0, 20.0, 21.0]")])
+def test_mean_pool_checker_names_each_mistake_with_a_small_case(capsys, how, why, yours):
+    assert not check_mean_pool_kv(lambda w, n, k: pool_by_hand(w, n, k, how))
+    out = capsys.readouterr().out
+    assert why in out
+    assert f"yours    {yours}" in out and "expected [5.0, 6.0, 25.0, 26.0]" in out

@@ -22,6 +22,7 @@ from .layers import (
     check_ffn_params,
     check_fused_swiglu,
     check_gqa_attention,
+    check_mean_pool_kv,
     check_rope_rotate,
     check_rope_scores,
     ffn_params,
@@ -43,7 +44,7 @@ from .training import (
 __all__ = [
     "check_count_params", "count_params_with_qkv_bias", "check_count_params_qkv_bias",
     "check_merge", "check_count_pairs", "check_dialog_prompt", "check_rope_rotate",
-    "check_rope_scores", "check_gqa_attention", "check_ffn_hidden_dim",
+    "check_rope_scores", "check_gqa_attention", "check_mean_pool_kv", "check_ffn_hidden_dim",
     "ffn_params",
     "check_ffn_params", "check_fused_swiglu", "check_top_p", "run_checks", "same",
     "first_difference", "check_lr_schedule", "check_text_bits_per_byte",

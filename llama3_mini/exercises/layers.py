@@ -178,6 +178,55 @@ def check_gqa_attention(fn) -> bool:
                  lambda t: [[round(x, 2) for x in row] for row in t[0, :, :, 0].tolist()]))
 
 
+# --- Chapter 03, the exercise: an MHA checkpoint converted to GQA ---------------------------
+
+def _pool_reference(w, n_heads, n_kv_heads):
+    """KV head g of the GQA layer: the mean of the MHA heads g * n_rep ... (g + 1) * n_rep - 1,
+    the query heads that will read it (the order repeat_kv copies in)."""
+    head_dim, n_rep = w.shape[0] // n_heads, n_heads // n_kv_heads
+    heads = w.view(n_heads, head_dim, w.shape[1])  # rows h * head_dim ... are head h
+    return torch.cat([heads[g * n_rep:(g + 1) * n_rep].mean(0) for g in range(n_kv_heads)])
+
+
+def _pool_by_hand(w, n_heads, n_kv_heads, how):
+    head_dim, n_rep, dim = w.shape[0] // n_heads, n_heads // n_kv_heads, w.shape[1]
+    if how == "tiled":  # heads g, g + n_kv_heads, ...: the order `repeat` would read
+        return w.view(n_rep, n_kv_heads, head_dim, dim).mean(0).reshape(-1, dim)
+    if how == "rows":  # neighbouring rows averaged, not whole heads
+        return w.view(-1, n_rep, dim).mean(1)
+    grouped = w.view(n_kv_heads, n_rep, head_dim, dim)
+    return (grouped.sum(1) if how == "sum" else grouped[:, 0]).reshape(-1, dim)
+
+
+def check_mean_pool_kv(fn) -> bool:
+    """fn(w, n_heads, n_kv_heads) -> w's heads mean-pooled in groups: w (n_heads * head_dim,
+    dim) is an MHA layer's wk or wv weight (head h is rows h * head_dim to (h + 1) * head_dim);
+    the answer (n_kv_heads * head_dim, dim) gives KV head g the mean of heads g * n_rep to
+    (g + 1) * n_rep - 1, n_rep = n_heads // n_kv_heads (Ainslie et al. 2023, section 2.1)."""
+    generator = torch.Generator().manual_seed(3)
+    cases = [(torch.randn(n_heads * head_dim, dim, generator=generator), n_heads, n_kv)
+             for n_heads, n_kv, head_dim, dim in ((1, 1, 1, 1), (2, 1, 2, 3), (4, 2, 2, 3),
+                                                  (8, 2, 4, 8), (6, 3, 2, 5), (4, 4, 2, 3),
+                                                  (8, 1, 2, 4), (32, 8, 4, 6))]
+    small = (torch.tensor([10.0 * h + r for h in range(4) for r in range(2)])[:, None], 4, 2)
+
+    def wrong(how):
+        return lambda w, n, k: _pool_by_hand(w, n, k, how)
+    return run_checks("mean_pool_kv", fn, _pool_reference, cases, mistakes=[
+        ("this pools heads g, g + n_kv_heads, g + 2 n_kv_heads, ...; a GQA group is "
+         "neighbouring query heads (head h reads KV head h // n_rep, as repeat_kv copies), so "
+         "pool heads g * n_rep to (g + 1) * n_rep - 1", wrong("tiled")),
+        ("this averages neighbouring rows, not whole heads: head h is the head_dim rows "
+         "h * head_dim to (h + 1) * head_dim - 1; view w as (n_kv_heads, n_rep, head_dim, dim)",
+         wrong("rows")),
+        ("this sums the group: the keys come out n_rep times too large (and the scores with "
+         "them); mean-pool", wrong("sum")),
+        ("this keeps the first head of each group; Ainslie et al. tried that too, and mean "
+         "pooling did better (their Figure 4): average the group's heads", wrong("first"))],
+        example=("4 heads of 2 rows, 2 KV heads: row r of head h holds 10h + r", small,
+                 lambda t: [round(x, 2) for x in t[:, 0].tolist()]))
+
+
 # --- Chapter 04: SwiGLU: the hidden size, its cost, one fused projection -------------------
 
 _FFN_CASES = [(4096, 1024, 1.3), (8192, 4096, 1.3), (16384, 4096, 1.2), (2048, 256, 1.5),
