@@ -1,10 +1,11 @@
-"""`llama3-mini train` under torchrun with --tp 2, --dp-shard 2 and --cp 2 (2 gloo processes
+"""`llama3-mini train` under torchrun with --tp 2, --dp-shard 2, --cp 2, --pp 2 (2 gloo processes
 on the CPU each) against the same command in one process, and a run saved under one layout
 resumed under another (torch.distributed.checkpoint reshards).
 
 The losses must equal one process's to float32 rounding: a split changes the order of the
 additions (tensor parallel's all-reduces, FSDP's reduce-scatter, context parallel's sum of
-loss shares), measured differences are under 1e-6, the tolerance is 1e-5 relative."""
+loss shares, the pipeline's micro-batches); measured differences are under 1e-6, the
+tolerance is 1e-5 relative."""
 import json
 import os
 import shutil
@@ -77,9 +78,15 @@ def test_tp_run_then_resumed_under_fsdp_equal_one_process(runs):
 
 
 @pytest.mark.slow
-def test_cp_run_equals_one_process(runs):
-    torchrun(runs, "cp", "--cp", "2")
-    assert losses(runs / "cp") == pytest.approx(losses(runs / "one"), rel=1e-5)
+@pytest.mark.parametrize("flag", ["--cp", "--pp"])
+def test_cp_and_pp_runs_equal_one_process(runs, flag):
+    torchrun(runs, flag, flag, "2")
+    assert losses(runs / flag) == pytest.approx(losses(runs / "one"), rel=1e-5)
+    if flag == "--pp":  # each stage's weights gathered into the whole-weight folder
+        ours, _ = load_model(runs / flag / "step_000006", device="cpu")
+        ref, _ = load_model(runs / "one/step_000006", device="cpu")
+        for name, w in ref.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[name], w, rtol=1e-4, atol=1e-5)
 
 
 def test_degrees_are_checked_before_any_process_group(monkeypatch):

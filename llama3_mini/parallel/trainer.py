@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from ..checkpoint import (
     latest_checkpoint,
@@ -36,6 +37,7 @@ from ..data import batch_at
 from ..train import Trainer, make_optimizer
 from .context import context_parallel_forward
 from .mesh import Layout, build_mesh, clip_grad_norm_, mesh_coordinates, parallelize
+from .pipeline import lm_loss, pipeline_schedule, pipeline_stages, pipeline_step
 
 DEGREES = ("tp", "cp", "pp", "dp_shard")
 
@@ -74,6 +76,29 @@ class _WholeWeights:
         return self._state
 
 
+class _StageRelay(nn.Module):
+    """One pipeline stage seen as a whole model, for evaluation: receives the previous
+    stage's hidden states (batch, seq, dim), runs its blocks, sends them to the next one.
+    The last stage returns the logits; the others zeros of their shape (their loss is
+    thrown away: the last stage's is broadcast)."""
+
+    def __init__(self, stage: nn.Module, group, params):
+        super().__init__()
+        self.stage, self.group, self.params = stage, group, params
+        self.pp_rank, self.pp = dist.get_rank(group), dist.get_world_size(group)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = tokens
+        if self.pp_rank > 0:
+            h = torch.empty(*tokens.shape, self.params.dim, device=tokens.device)
+            dist.recv(h, group=self.group, group_src=self.pp_rank - 1)
+        h = self.stage(h)
+        if self.pp_rank == self.pp - 1:
+            return h
+        dist.send(h.float().contiguous(), group=self.group, group_dst=self.pp_rank + 1)
+        return torch.zeros(*tokens.shape, self.params.vocab_size, device=tokens.device)
+
+
 class ParallelTrainer(Trainer):
     """A Trainer whose model is split over `layout` (mesh.py's Layout) across the processes
     torchrun started. Each data-parallel rank takes its share of every global batch (the
@@ -87,13 +112,16 @@ class ParallelTrainer(Trainer):
         # every check before the process group starts: a wrong layout is named at once
         layout.check(int(os.environ.get("WORLD_SIZE", "1")), model.params,
                      cfg.seq_len if layout.cp > 1 else None)
-        if layout.pp > 1:
-            raise ValueError("--pp is not yet supported by `llama3-mini train` (pipeline.py "
-                             "runs it from Python); use --tp, --cp or --dp-shard")
+        if layout.pp > 1 and (layout.cp > 1 or cfg.document_mask):
+            raise ValueError("--pp runs with neither --cp nor the document mask here (a "
+                             "pipeline stage calls its blocks without them): drop one")
+        # a pipeline's micro-batches are its grad_accum: at least one a stage
+        self.micro = max(cfg.grad_accum, layout.pp) if layout.pp > 1 else cfg.grad_accum
         per_rank = cfg.batch_size // layout.dp
-        if cfg.batch_size % layout.dp or per_rank % cfg.grad_accum:
+        if cfg.batch_size % layout.dp or per_rank % self.micro:
             raise ValueError(f"batch_size ({cfg.batch_size}) must split evenly over "
-                             f"{layout.dp} data-parallel ranks x grad_accum ({cfg.grad_accum})")
+                             f"{layout.dp} data-parallel ranks x {self.micro} micro-batches "
+                             "(grad_accum, at least --pp)")
         if cfg.document_mask and (data.doc_starts is None or data.val_doc_ids is None):
             raise ValueError("document_mask needs the documents' bounds: TokenData.doc_starts "
                              "and val_doc_ids, as prepare_data and story_data make them")
@@ -107,10 +135,13 @@ class ParallelTrainer(Trainer):
         self.mesh = build_mesh(layout, device.type)
         self.coords = mesh_coordinates(self.mesh)
         self.cfg, self.data, self.device = cfg, data, device
-        self.model = parallelize(model.to(device).set_fast_attention(cfg.fast_attention),
-                                 self.mesh)
-        self.model.train()
-        self.net = self.model
+        self.params = model.params
+        model = model.to(device).set_fast_attention(cfg.fast_attention).train()
+        if layout.pp > 1:  # this rank's stage: its blocks (and the embedding or the output)
+            self.stages = pipeline_stages(model, self.mesh["pp"].get_group(), device=device)
+            model = self.stages[0].submod
+            self.schedule = pipeline_schedule(self.stages, self.micro, lm_loss, "1f1b")
+        self.model = self.net = parallelize(model, self.mesh)  # in place: the stage too
         self.optimizer = make_optimizer(self.model, cfg)
         self.out_dir = Path(out_dir) if out_dir else None
         self.tokenizer_path = str(tokenizer_path) if tokenizer_path else None
@@ -138,7 +169,8 @@ class ParallelTrainer(Trainer):
         loss = self._all_processes(self._backward(inputs, targets, doc_ids), mean=True)
         n_bytes = self._all_processes(n_bytes) / (self.world // self.layout.dp)  # one a share
         self._stop_if_not_finite(loss)
-        norm = clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        norm = clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf,
+                               self.mesh["pp"].get_group() if self.layout.pp > 1 else None)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -154,6 +186,12 @@ class ParallelTrainer(Trainer):
         DP x CP ranks, so the share is counted CP times (the shares add up to the loss).
         Returns this rank's loss, whose mean over all ranks is the batch's."""
         cfg, cp = self.cfg, self.layout.cp
+        if self.layout.pp > 1:  # the schedule runs every micro-batch, forward and backward
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss, _ = pipeline_step(self.schedule, self.stages, inputs, targets)
+            total = torch.zeros((), device=self.device) if loss is None else loss.detach()
+            dist.all_reduce(total, group=self.mesh["pp"].get_group())  # the last stage's
+            return total
         total = torch.zeros((), device=self.device)
         ids = [None] * cfg.grad_accum if doc_ids is None else doc_ids.chunk(cfg.grad_accum)
         micro = zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum), ids, strict=True)
@@ -171,6 +209,21 @@ class ParallelTrainer(Trainer):
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
         return total
+
+    def evaluate(self) -> dict:
+        """Trainer.evaluate; under pipeline parallelism each stage passes its hidden states
+        on (`_StageRelay`) and the last stage's result is given to every rank."""
+        if self.layout.pp == 1:
+            return super().evaluate()
+        net = self.model
+        self.model = _StageRelay(net, self.mesh["pp"].get_group(), self.params)
+        try:
+            result = [super().evaluate()]
+        finally:
+            self.model = net
+        group = self.mesh["pp"].get_group()
+        dist.broadcast_object_list(result, group=group, group_src=self.layout.pp - 1)
+        return result[0]
 
     # -- checkpoints ----------------------------------------------------------------------
     def _sharded(self, folder: Path) -> Path:
@@ -191,13 +244,19 @@ class ParallelTrainer(Trainer):
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp_save({"model": model_state, "optimizer": optim_state},
                  checkpoint_id=self._sharded(folder))
+        pp = self.layout.pp  # with stages, each holds its own part: gathered over them
         whole = get_model_state_dict(self.model, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True))
+            full_state_dict=True, cpu_offload=pp == 1))
+        if pp > 1:
+            parts = [None] * pp
+            dist.all_gather_object(parts, {k: v.cpu() for k, v in whole.items()},
+                                   group=self.mesh["pp"].get_group())
+            whole = {k: v for part in parts for k, v in part.items()}
         if self.rank == 0:
             state = {"step": self.step, "torch_rng": torch.get_rng_state(),
                      "tokens_seen": self.tokens_seen, "seconds": self.seconds,
                      "schedule": (self.step_seconds, self.warmup_seconds, self.lr)}
-            save_checkpoint(_WholeWeights(self.model.params, whole), self.out_dir, self.step,
+            save_checkpoint(_WholeWeights(self.params, whole), self.out_dir, self.step,
                             state, keep=self.cfg.keep, train_config=asdict(self.cfg),
                             seconds=self.seconds, tokenizer=self.tokenizer_path,
                             tokens_seen=self.tokens_seen, layout=asdict(self.layout),
