@@ -1,5 +1,5 @@
 """A conversation with a model: the history kept in Llama 3's chat format, the reply streamed
-as text while its tokens are made (generate.py's loop, with the KV cache), stopped at
+as text while its tokens are made (generate.stream_pieces, with the KV cache), stopped at
 <|eot_id|>, and the oldest turns dropped when the window fills (never the system prompt).
 
     model, tokenizer = load_pretrained("qa-full")
@@ -12,12 +12,11 @@ as text while its tokens are made (generate.py's loop, with the KV cache), stopp
 server builds its prompts with it too)."""
 from __future__ import annotations
 
-import codecs
 import sys
 import time
 from typing import Iterator
 
-from .generate import generate_steps
+from .generate import stream_pieces
 from .tokenizer import ChatFormat
 
 
@@ -129,26 +128,16 @@ class Conversation:
         self.dropped, self.reply_ids, self.finish_reason = dropped, [], "length"
         seed = None if self.seed is None else self.seed + self._n_replies
         self._n_replies += 1
-        # generate.stream's loop, kept here because a conversation needs more than the text:
-        # the ids made and why it stopped. The same incremental UTF-8 decoder holds back the
-        # bytes of a character split across tokens until its last byte arrives.
         stops = {int(t) for t in self.tokenizer.stop_tokens}
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
-            for nxt, _, _ in generate_steps(
-                    self.model, [ids], self.max_new_tokens, temperature=self.temperature,
-                    top_p=self.top_p, seed=seed, stop_tokens=stops):
-                token = int(nxt[0])
-                if token in stops:
-                    self.finish_reason = "stop"
-                    break
-                self.reply_ids.append(token)
-                piece = decoder.decode(self.tokenizer.decode_bytes([token]))
-                if piece:
-                    yield piece
-            tail = decoder.decode(b"", final=True)  # the bytes of an unfinished character
-            if tail:
-                yield tail
+            for piece in stream_pieces(self.model, self.tokenizer, ids, self.max_new_tokens,
+                                       temperature=self.temperature, top_p=self.top_p,
+                                       seed=seed, stop_tokens=stops):
+                if piece.token not in stops:
+                    self.reply_ids.append(piece.token)
+                self.finish_reason = piece.finish_reason or self.finish_reason
+                if piece.text:
+                    yield piece.text
         finally:
             self.seconds = time.perf_counter() - start
             reply = self.tokenizer.decode(self.reply_ids)

@@ -8,7 +8,7 @@ the distance between positions, a padded prompt sees exactly what it would see a
 from __future__ import annotations
 
 import codecs
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -161,9 +161,12 @@ def generate_steps(model, prompts, max_new_tokens: int, *, temperature: float = 
         generator = torch.Generator(device=device).manual_seed(int(seed))
     stops = torch.tensor(sorted({int(t) for t in stop_tokens}), dtype=torch.long, device=device)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    with torch.inference_mode():
-        for step in tqdm(range(max_new_tokens), disable=not progress, desc="generating"):
-            cur = plen + step  # tokens 0 .. cur-1 are known
+    for step in tqdm(range(max_new_tokens), disable=not progress, desc="generating"):
+        cur = plen + step  # tokens 0 .. cur-1 are known
+        # Inference mode for the step's arithmetic only: the caller's loop body, which runs
+        # at each `yield`, keeps whatever mode the caller had (a `with` around the yield
+        # would switch autograd off in the caller's code too).
+        with torch.inference_mode():
             if not use_cache:  # recompute every position, every step
                 logits = model(tokens[:, :cur], mask=mask_for(0, cur))[:, -1]
             elif step == 0:  # prefill: the whole prompt in one pass
@@ -175,9 +178,9 @@ def generate_steps(model, prompts, max_new_tokens: int, *, temperature: float = 
             tokens[:, cur] = nxt
             if len(stops):
                 done = done | torch.isin(nxt, stops)
-            yield nxt, logits, done
-            if len(stops) and bool(done.all()):
-                return
+        yield nxt, logits, done
+        if len(stops) and bool(done.all()):
+            return
 
 
 def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
@@ -207,23 +210,73 @@ def generate(model, prompts, max_new_tokens: int, *, temperature: float = 0.0,
     return out
 
 
-def stream(model, tokenizer, prompt_ids, max_new_tokens: int, **options) -> Iterator[str]:
-    """Yield the text of one prompt's continuation as it is generated.
+class Piece(NamedTuple):
+    """One step of a streamed reply: the token made, the text it completes (often "": bytes
+    of an unfinished character, or what may begin a stop string, wait for later tokens) and,
+    on the last piece only, why the reply ended: "stop" (a stop token or stop string) or
+    "length" (max_new_tokens reached)."""
+    token: int
+    text: str
+    finish_reason: str | None = None
 
-    tokenizer: anything with `decode_bytes(ids) -> bytes`. A UTF-8 character split across
-    tokens (an emoji, a CJK character) is held back until its last byte arrives, so no
-    replacement character appears mid-stream. Stops at `options["stop_tokens"]`, by default
-    the tokenizer's `stop_tokens` when it has them. Other options are `generate`'s."""
+
+def _held_back(text: str, stops) -> int:
+    """How many characters at the end of text could begin a stop string (not sent yet).
+
+    'Hello Wo', ['World'] -> 2; 'Hello', ['World'] -> 0"""
+    longest = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
+
+
+def stream_pieces(model, tokenizer, prompt_ids, max_new_tokens: int, *, stop=(),
+                  **options) -> Iterator[Piece]:
+    """The one streaming path: one Piece(token, text, finish_reason) per token generated
+    from one prompt. `stream`, chat.Conversation (so the notebook's chat widget) and the
+    server's replies are all built on it.
+
+    tokenizer: anything with `decode_bytes(ids) -> bytes`. The text never splits a UTF-8
+    character (an emoji's bytes wait for its last one) and never ends inside what may become
+    a `stop` string; it ends before the first stop string, as OpenAI's API does. Stop tokens
+    are `options["stop_tokens"]`, by default the tokenizer's `stop_tokens`; a stop token is
+    the last piece's token, its text "" (or the tail held back before it). Other options
+    are `generate`'s. Closing the iterator early stops the generation."""
     options.setdefault("stop_tokens", tuple(getattr(tokenizer, "stop_tokens", ())))
-    stops = {int(t) for t in options["stop_tokens"]}
+    stop_ids = {int(t) for t in options["stop_tokens"]}
+    stop = [stop] if isinstance(stop, str) else [s for s in stop if s]
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for nxt, _, _ in generate_steps(model, [list(prompt_ids)], max_new_tokens, **options):
-        token = int(nxt[0])
-        if token in stops:
-            break
-        text = decoder.decode(tokenizer.decode_bytes([token]))
-        if text:
-            yield text
-    tail = decoder.decode(b"", final=True)  # bytes of a character never completed
-    if tail:
-        yield tail
+    text, sent = "", 0  # the reply's text so far, and how much of it was given out
+    steps = generate_steps(model, [list(prompt_ids)], max_new_tokens, **options)
+    try:
+        for n, (nxt, _, _) in enumerate(steps, start=1):
+            token = int(nxt[0])
+            finish = "stop" if token in stop_ids else (
+                "length" if n == max_new_tokens else None)
+            if token not in stop_ids:
+                text += decoder.decode(tokenizer.decode_bytes([token]))
+            if finish:
+                text += decoder.decode(b"", final=True)  # bytes of a character never finished
+            cuts = [i for i in (text.find(s, max(0, sent - len(s))) for s in stop) if i >= 0]
+            if cuts:
+                text, finish = text[:min(cuts)], "stop"
+            safe = len(text) if finish else len(text) - _held_back(text, stop)
+            piece, sent = text[sent:max(safe, sent)], max(safe, sent)
+            yield Piece(token, piece, finish)
+            if finish:
+                return
+    finally:
+        steps.close()
+
+
+def stream(model, tokenizer, prompt_ids, max_new_tokens: int, **options) -> Iterator[str]:
+    """Yield the text of one prompt's continuation as it is generated: `stream_pieces`'s
+    text, without the empty pieces. No piece splits a UTF-8 character (an emoji, a CJK
+    character): its bytes wait for the last one, so no replacement character appears
+    mid-stream."""
+    for piece in stream_pieces(model, tokenizer, prompt_ids, max_new_tokens, **options):
+        if piece.text:
+            yield piece.text

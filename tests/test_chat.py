@@ -18,6 +18,7 @@ from model_support import one_thread  # noqa: E402, F401
 from test_export import _ids  # noqa: E402
 
 from llama3_mini import chat as chat_module  # noqa: E402
+from llama3_mini import generate as generate_module  # noqa: E402
 from llama3_mini import hub  # noqa: E402
 from llama3_mini.chat import Conversation, dialog_prompt_ids, run_chat  # noqa: E402
 from llama3_mini.checkpoint import load_pretrained  # noqa: E402
@@ -51,15 +52,15 @@ def template_ids(hf_tok, messages):
 
 @pytest.fixture
 def prompts_seen(monkeypatch):
-    """The prompt ids each reply was generated from, recorded on the way to generate_steps."""
+    """The prompt ids each reply was generated from, recorded on the way to stream_pieces."""
     seen = []
-    real = chat_module.generate_steps
+    real = chat_module.stream_pieces
 
-    def spy(model, prompts, *args, **kwargs):
-        seen.append(list(prompts[0]))
-        return real(model, prompts, *args, **kwargs)
+    def spy(model, tokenizer, prompt_ids, *args, **kwargs):
+        seen.append(list(prompt_ids))
+        return real(model, tokenizer, prompt_ids, *args, **kwargs)
 
-    monkeypatch.setattr(chat_module, "generate_steps", spy)
+    monkeypatch.setattr(chat_module, "stream_pieces", spy)
     return seen
 
 
@@ -177,7 +178,7 @@ def test_a_character_split_across_tokens_streams_whole(qa, monkeypatch):
         for t in script[:max_new_tokens]:
             yield torch.tensor([t]), None, None
 
-    monkeypatch.setattr(chat_module, "generate_steps", scripted)
+    monkeypatch.setattr(generate_module, "generate_steps", scripted)
     chat = Conversation(model, tokenizer)
     pieces = list(chat.send("Say it."))
     assert "".join(pieces) == text and "🦙" in pieces and "\ufffd" not in "".join(pieces)

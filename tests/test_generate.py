@@ -18,6 +18,7 @@ from llama3_mini.generate import (
     padding_mask,
     sample_next,
     stream,
+    stream_pieces,
     top_k_filter,
     top_p_filter,
 )
@@ -263,6 +264,61 @@ def test_stream_of_single_bytes_yields_whole_characters(text):
     chunks = list(stream(model, ByteTokenizer(), [0], len(ids), stop_tokens=()))
     assert "".join(chunks) == text
     assert all(chunks) and not any("\ufffd" in c for c in chunks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\ufffd"),
+                   min_size=2, max_size=16),
+       cut=st.tuples(st.integers(0, 15), st.integers(1, 4)), budget=st.integers(1, 40))
+def test_stream_pieces_are_one_per_token_and_end_before_a_stop_string(text, cut, budget):
+    """A piece per token; the text is the reply up to the first occurrence of the stop
+    string (Python's str.find says where), or up to the budget; the last piece alone says
+    why it ended."""
+    script = list(text.encode("utf-8")) + [0] * 40  # then NUL bytes, to any budget
+    stop = text[cut[0] % len(text):][:cut[1]]
+    model = ScriptedModel(script, 256)
+    pieces = list(stream_pieces(model, ByteTokenizer(), [0], budget, stop=[stop],
+                                stop_tokens=()))
+    made = bytes(script[:budget]).decode("utf-8", errors="replace")
+    ends_at = made.find(stop)
+    want = made if ends_at < 0 else made[:ends_at]
+    assert "".join(p.text for p in pieces) == want
+    assert [p.token for p in pieces] == script[:len(pieces)]
+    assert [p.finish_reason for p in pieces[:-1]] == [None] * (len(pieces) - 1)
+    assert pieces[-1].finish_reason == ("length" if ends_at < 0 else "stop")
+    assert len(pieces) == budget if ends_at < 0 else len(pieces) <= budget
+
+
+def test_a_stop_token_ends_the_stream_with_finish_reason_stop():
+    model = ScriptedModel([104, 105, 7, 106], 256)  # 'h', 'i', a stop token, 'j'
+    pieces = list(stream_pieces(model, ByteTokenizer(), [0], 4, stop_tokens=(7,)))
+    assert [(p.token, p.text, p.finish_reason) for p in pieces] == [
+        (104, "h", None), (105, "i", None), (7, "", "stop")]
+
+
+def test_generation_leaves_the_callers_inference_mode_as_it_found_it():
+    """The loop bodies of a caller run in the caller's own mode, not in the inference mode
+    the steps use inside (it would switch autograd off in the caller's code)."""
+    from llama3_mini.chat import Conversation
+    from llama3_mini.tokenizer import Tokenizer
+
+    tok = Tokenizer.train("a b", 256, progress=False)  # the bytes and the special tokens
+    tok.stop_tokens = set()  # a random model: every loop runs its whole budget
+    model = random_model(CONFIGS["gqa"].replace(vocab_size=tok.n_words))
+    loops = {
+        "generate_steps": lambda: generate_steps(model, [prompt_of(5, 0)], 4),
+        "stream_pieces": lambda: stream_pieces(model, tok, [1, 2], 4),
+        "stream": lambda: stream(model, tok, [1, 2], 8),
+        "Conversation.send": lambda: Conversation(model, tok, max_new_tokens=8).send("a")}
+    for name, loop in loops.items():
+        for caller_mode in (False, True):
+            with torch.inference_mode(caller_mode):
+                seen = [torch.is_inference_mode_enabled() for _ in loop()]
+            assert seen and set(seen) == {caller_mode}, (name, caller_mode, seen)
+    w = torch.ones(3, requires_grad=True)  # autograd works in the loop body
+    for _, logits, _ in generate_steps(model, [prompt_of(5, 0)], 2):
+        (w * logits[0, :3].clone()).sum().backward()
+    assert w.grad is not None
 
 
 # --- the exercise checker ------------------------------------------------------------------
