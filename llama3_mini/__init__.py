@@ -17,10 +17,11 @@ from .config import (
     param_counts,
     pick_device,
 )
+from .loader import load  # (model, tokenizer) from any source: a name, a folder, a Hub name
 from .model import Transformer
 
 __all__ = ["ModelArgs", "PRESETS", "get_preset", "num_params", "param_counts", "kv_cache_bytes",
-           "Transformer", "pick_device"]
+           "Transformer", "pick_device", "load"]
 
 
 def _version() -> str:

@@ -69,7 +69,8 @@ def _add_corpus_args(p) -> None:
 
 def _add_model_args(p, default: str, which: str) -> None:
     p.add_argument("--checkpoint", default=None,
-                   help="a checkpoint or training folder (default: a pretrained model)")
+                   help="a checkpoint or training folder, or Meta's or Hugging Face's "
+                        "(anything llama3_mini.load reads; default: a pretrained model)")
     p.add_argument("--model", default=default,
                    help=f"the pretrained model to use without --checkpoint: {which}")
 
@@ -132,7 +133,11 @@ def cmd_train(args) -> None:
     from .train import TrainConfig
 
     docs, stories = _corpus(args)
-    law = law_for_train(args)
+    shape = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads")
+    given = any(getattr(args, k) is not None for k in shape)
+    law, recipe = law_for_train(args.max_minutes, given, args.corpus)
+    for flag in (f for f in recipe if getattr(args, f) is None):  # the law's recipe fills in
+        setattr(args, flag, recipe[flag])
     _train_defaults(args)
     out_dir = args.out_dir
     if args.tokenizer:
@@ -189,12 +194,9 @@ def cmd_train(args) -> None:
 
 
 def _load(args):
-    from .checkpoint import load_checkpoint, load_pretrained
+    from .loader import load
 
-    if args.checkpoint is None:
-        return load_pretrained(args.model, device=args.device)
-    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device)
-    return model, tokenizer
+    return load(args.checkpoint or args.model, device=args.device)
 
 
 def cmd_generate(args) -> None:
@@ -237,7 +239,7 @@ def cmd_serve(args) -> None:
     from .serve import serve  # an ImportError says which extra to install (main prints it)
 
     serve(args.checkpoint, host=args.host, port=args.port, model_id=args.model_id,
-          device=args.device)
+          device=args.device, max_queue=args.max_queue)  # None: the default
 
 
 def cmd_export(args) -> None:
@@ -375,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-id", default=None,
                    help="the model name clients ask for (default: the checkpoint's folder)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests that may wait while one is answered; past it, 429 "
+                        "(default: serve.MAX_QUEUE, 16)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_serve)
     return parser

@@ -2,7 +2,7 @@
 run on it), written with `gguf`, the Python package llama.cpp maintains.
 
     export_gguf("runs/story", "story.gguf")                   # a course checkpoint, float16
-    export_gguf(load_pretrained(), "story-q8.gguf", dtype="q8_0")
+    export_gguf(load(), "story-q8.gguf", dtype="q8_0")
     llama3-mini export --format gguf runs/story story.gguf --dtype bf16
 
 A GGUF file holds three things, each as llama.cpp's converter (convert_hf_to_gguf.py,
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_pretrained, pretrained_models
+from . import loader
 from .hf_tokenizer import CHAT_TEMPLATE, tokenizer_json
 from .rope import apply_scaling, rope_frequencies
 
@@ -148,25 +148,13 @@ def _file_type(gguf, dtype: str) -> int:
 
 
 def _resolve(source, tokenizer):
-    """(model, tokenizer, name) from a folder (any format hub.Llama reads), the name of a
-    pretrained model, a (model, tokenizer) pair, or a model with tokenizer=."""
+    """(model, tokenizer, name) from anything `llama3_mini.load` reads (a folder in any
+    format, a shipped model's name), a (model, tokenizer) pair, or a model with tokenizer=."""
     name = "llama3-mini"
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if path.exists():
-            from .hub import Llama
-
-            llama = Llama.from_pretrained(path, device="cpu", max_seq_len=None)
-            model, tokenizer = llama.model, tokenizer or llama.tokenizer
-            name = path.resolve().name
-        elif str(source) in pretrained_models():
-            model, found = load_pretrained(str(source), device="cpu")
-            tokenizer, name = tokenizer or found, str(source)
-        else:
-            raise FileNotFoundError(
-                f"no checkpoint folder {source} (and no pretrained model of that name: "
-                f"{', '.join(pretrained_models()) or 'none'}); pass a folder that "
-                "`llama3-mini train` or `save_model` wrote")
+        model, found = loader.load(source, device="cpu")
+        tokenizer = tokenizer or found
+        name = Path(source).resolve().name if Path(source).exists() else str(source)
     elif isinstance(source, tuple) and len(source) == 2:
         model, tokenizer = source[0], tokenizer or source[1]
     else:
@@ -187,7 +175,7 @@ def export_gguf(checkpoint_or_model, out_path, dtype: str = "f16", tokenizer=Non
 
     checkpoint_or_model: a checkpoint folder (a training run's: its newest; Meta's or Hugging
     Face's folders too), a pretrained model's name ("story-model"), a (model, tokenizer) pair
-    as load_pretrained returns, or a Transformer with tokenizer=. dtype: "f32", "f16" (the
+    as load returns, or a Transformer with tokenizer=. dtype: "f32", "f16" (the
     converter's default), "bf16", "q8_0", "q5_0" or "q4_0". The model is read where it is,
     never moved. Returns the path written; transformers opens it with
     AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)."""

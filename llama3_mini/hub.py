@@ -8,10 +8,10 @@ permuted; big models split, with model.safetensors.index.json), tokenizer.json.
 
 This module reads and writes those whole folders: Meta's (`save_meta`, `load_meta`; the
 model-parallel layout is in meta_format.py), Hugging Face's (`load_hf`, `save_hf`,
-`export_hf`), and `Llama.from_pretrained`, which tells the formats apart and also takes the
-course's own folders. The pieces it assembles live where they belong: the name mapping and
-our own folders in checkpoint.py, tokenizer.json in hf_tokenizer.py, tokenizer.model in
-tokenizer.py."""
+`export_hf`), and tells them apart (`detect_format`); `llama3_mini.load` (loader.py) is the
+one function that loads any of them, and `Llama.from_pretrained` wraps it. The pieces it
+assembles live where they belong: the name mapping in hf_format.py, our own folders in
+checkpoint.py, tokenizer.json in hf_tokenizer.py, tokenizer.model in tokenizer.py."""
 from __future__ import annotations
 
 import json
@@ -22,17 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    FORMAT,
-    args_from_hf_config,
-    from_hf_state_dict,
-    hf_config_dict,
-    is_our_config,
-    load_checkpoint,
-    model_weights,
-    to_hf_state_dict,
-)
+from .checkpoint import FORMAT, is_our_config, model_weights
 from .config import ModelArgs, pick_device
+from .hf_format import args_from_hf_config, from_hf_state_dict, hf_config_dict, to_hf_state_dict
 from .hf_tokenizer import CHAT_TEMPLATE, ranks_from_tokenizer_json, tokenizer_json
 from .meta_format import (  # noqa: F401  (re-exported: hub.merge_meta_shards, ...)
     check_shardable,
@@ -299,7 +291,9 @@ def export_hf(checkpoint, out_dir, dtype=None) -> Path:
             raise ValueError(f"dtype {dtype} is not for a Hugging Face folder: float32, bfloat16 "
                              "or float16 (the GGUF types are for --format gguf)")
         dtype = getattr(torch, dtype)
-    model, tokenizer, _ = load_checkpoint(checkpoint, device="cpu")
+    from .loader import load  # any source: a course checkpoint, Meta's folder, a name...
+
+    model, tokenizer = load(checkpoint, device="cpu")
     return save_hf(model, out_dir, tokenizer, dtype)
 
 
@@ -312,20 +306,14 @@ class Llama:
     @classmethod
     def from_pretrained(cls, path_or_repo, device=None, dtype=None,
                         max_seq_len: int | None = 8192) -> "Llama":
-        """Load a folder in Meta's, Hugging Face's or the course's own format (see
-        `detect_format`).
+        """`llama3_mini.load` wrapped with its source: a folder in Meta's, Hugging Face's or
+        the course's own format (see `detect_format`), a shipped model's name, a Hub name.
         max_seq_len bounds the RoPE table and the cache; Llama 3.2 allows 131072."""
-        folder = resolve(path_or_repo)
-        fmt = detect_format(folder)
-        if fmt == FORMAT:
-            model, tokenizer, _ = load_checkpoint(folder, device, dtype or torch.float32)
-            return cls(model, tokenizer, source=f"{fmt}:{folder}")
-        if fmt == "meta":
-            weights = folder if (folder / "params.json").exists() else folder / "original"
-            model = load_meta(weights, device, dtype, max_seq_len)
-        else:
-            model = load_hf(folder, device, dtype, max_seq_len)
-        return cls(model, load_tokenizer(folder), source=f"{fmt}:{folder}")
+        from .loader import load, locate  # the one loader (it reads this module's formats)
+
+        fmt, folder = locate(path_or_repo)
+        model, tokenizer = load(folder, device, dtype, max_seq_len)
+        return cls(model, tokenizer, source=f"{fmt}:{folder}")
 
     @property
     def device(self) -> torch.device:

@@ -277,7 +277,7 @@ def plan_for_minutes(minutes: float, law: ScalingLaw, speed, vocab_size: int,
 def load_law(path=None, floor_guessed: bool = False, missing_ok: bool = False):
     """The law `make assets` fitted on the story corpus (assets/scaling-laws/card.json), or
     the one in the card at `path`. missing_ok: None (and a note printed) when there is none."""
-    from .checkpoint import ASSETS
+    from .pretrained import ASSETS
 
     card = Path(path) if path else ASSETS / "scaling-laws" / "card.json"
     if not card.is_file() and missing_ok:
@@ -290,20 +290,19 @@ def load_law(path=None, floor_guessed: bool = False, missing_ok: bool = False):
                                                        else "law"])
 
 
-def law_for_train(args):
-    """`llama3-mini train`'s parsed flags -> the scaling law that sizes the model when
-    --max-minutes comes with no shape (--preset, --dim, --n-layers, --n-heads, --n-kv-heads),
-    or None; on the stories its recipe (sequence length, batch, learning rate) fills the flags
-    left out."""
-    shape = ("preset", "dim", "n_layers", "n_heads", "n_kv_heads")
-    if (args.max_minutes is None or any(getattr(args, k) is not None for k in shape)
+def law_for_train(max_minutes, shape_given: bool, corpus: str):
+    """The scaling law that sizes `llama3-mini train`'s model when --max-minutes comes with no
+    shape (--preset, --dim, --n-layers, --n-heads, --n-kv-heads), and its recipe: (law,
+    {"seq_len", "batch_size", "lr"}) on the stories (the flags it fills where they were left
+    out: cli.py applies them), (law, {}) on another corpus, (None, {}) when nothing is sized.
+    It reads the command line's values and writes nothing back."""
+    if (max_minutes is None or shape_given
             or int(os.environ.get("WORLD_SIZE", "1")) > 1):  # torchrun: one shape for all
-        return None
+        return None, {}
     law = load_law(missing_ok=True)
-    for flag in ("seq_len", "batch_size", "lr") if law and args.corpus == "stories" else ():
-        if getattr(args, flag) is None:
-            setattr(args, flag, getattr(law, flag))
-    return law
+    recipe = {flag: getattr(law, flag) for flag in ("seq_len", "batch_size", "lr")} \
+        if law and corpus == "stories" else {}
+    return law, recipe
 
 
 def describe_plan(plan: dict, minutes: float, law: ScalingLaw, own_text: bool) -> str:
