@@ -14,6 +14,7 @@ import torch
 import uvicorn
 from model_support import one_thread  # noqa: F401
 
+from llama3_mini import generate as generate_module
 from llama3_mini.checkpoint import load_checkpoint, load_pretrained, save_model
 from llama3_mini.cli import main
 from llama3_mini.config import ModelArgs
@@ -75,9 +76,12 @@ def tiny_trained(tokenizer, steps: int = 40):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve"))
+
+
+def tiny_checkpoint(folder):
     """(folder, model, tokenizer): a tiny model saved with save_model beside a small
     tokenizer trained here, and loaded back as `serve --checkpoint` loads it."""
-    folder = tmp_path_factory.mktemp("serve")
     text = " ".join(m["content"] for m in ASK) + " " + STORY * 4
     tokenizer = Tokenizer.train(text, 290, progress=False)
     tokenizer.save(folder / "tok.tiktoken")
@@ -93,6 +97,24 @@ def client(tiny):
         with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0,
                            timeout=60) as client:
             yield client
+
+
+def slow_generation(monkeypatch, seconds=0.02, gate=None):
+    """Make every reply's generate_steps (under generate.stream_pieces) wait `seconds` per
+    token, after `gate` (a threading.Event) is set if given; returns the list that gets one
+    entry per token made, so a test sees when generation stops."""
+    steps, real = [], generate_module.generate_steps
+
+    def slow_steps(*args, **kwargs):
+        for step in real(*args, **kwargs):
+            if gate is not None:
+                assert gate.wait(timeout=60), "the test never opened the gate"
+            steps.append(1)
+            time.sleep(seconds)
+            yield step
+
+    monkeypatch.setattr(generate_module, "generate_steps", slow_steps)
+    return steps
 
 
 def reference(model, tokenizer, messages, max_tokens, **options):
@@ -263,20 +285,8 @@ def test_concurrent_requests_each_get_their_own_answer(client, tiny):
 def test_a_client_that_leaves_mid_stream_frees_the_worker(client, tiny, monkeypatch):
     """Closing a stream stops its generation (the worker would otherwise go on for every
     token of max_tokens before serving anyone else); the next request is answered."""
-    import llama3_mini.serve as serve_module
-
     _, model, tokenizer = tiny
-    steps, short = [], [{"role": "user", "content": "Lily"}]
-
-    generate_steps = serve_module.generate_steps
-
-    def slow_steps(*args, **kwargs):  # generate_steps at 20 ms a token, counted
-        for step in generate_steps(*args, **kwargs):
-            steps.append(1)
-            time.sleep(0.02)
-            yield step
-
-    monkeypatch.setattr(serve_module, "generate_steps", slow_steps)
+    steps, short = slow_generation(monkeypatch), [{"role": "user", "content": "Lily"}]
     stream = client.chat.completions.create(model="tiny", messages=short, temperature=0,
                                             max_tokens=100, stream=True, stop="never in it")
     next(iter(stream))
