@@ -49,6 +49,19 @@ def test_the_course_is_the_notebooks_in_the_readmes_course_map():
         f"{sorted({p.name for p in NOTEBOOKS} - set(listed))}")
 
 
+def test_notebook_00s_course_map_names_every_notebook_and_lab():
+    """00's "The course" cell is the learner's map: a table row for each notebook of
+    notebooks/ and each lab of notebooks/labs/, in order, named as the file is."""
+    nb = nbformat.read(ROOT / "notebooks" / "00_llama3_at_a_glance.ipynb", as_version=4)
+    [cell] = [c for c in nb.cells
+              if c.cell_type == "markdown" and c.source.startswith("## The course")]
+    rows = re.findall(r"^\| `(\d\d[a-z]?_\w+)`", cell.source, re.M)
+    for part in ([r for r in rows if "_lab_" not in r], [r for r in rows if "_lab_" in r]):
+        assert part == sorted(part), f"00's course map is out of order: {part}"
+    missing = [p.stem for p in (*NOTEBOOKS, *LABS) if p.stem not in rows]
+    assert not missing, f"00's course map does not name {missing}"
+
+
 def test_the_labs_are_named_after_a_chapter_and_listed_under_going_further():
     """A lab (notebooks/labs/) extends one chapter of the main line and is named after it;
     README lists every lab in its "Going further" table, in order, after the course map."""

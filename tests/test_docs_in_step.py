@@ -194,20 +194,30 @@ TEACHING = [
     ("09", "It echoes the prompt's last token, id 271, two newlines",
      ["16 tokens: [271, 271, ", "the prompt's last token: 271 '\\n\\n'"]),
     ("10", "`check_next_names`, 10 cases", ["next_names: right on all 10 cases"]),
-    ("06c", "(`check_compute_optimal`, 6 cases", ["compute_optimal: right on all 6 cases"]),
+    ("06c", "(`check_isoflop_optimum`, 6 curves", ["isoflop_optimum: right on all 6 cases"]),
     ("06c", "6ND counts only 9% to 77% of a step's work",
      ["    8      1         1,048         9,728         0.09",
       "  128      4       738,432       155,648         0.77"]),
-    ("06c", "the optimum grows as C^1.03; counted in total parameters, C^0.53",
-     ["ours, parameters: N*(C) = 3.24e-08 C^1.031", "total parameters: N*(C) = 0.085 C^0.531"]),
+    ("06c", "the optimum grows as C^1.03; counted in total parameters, C^0.53, beside the 0.47 "
+     "Llama 3's tokens exponent of 0.53 implies for parameters (our tokens exponent: 0.37)",
+     ["parameters, non-embedding        1.03",
+      "parameters, total                0.53               0.44  0.47 (1 - 0.53)",
+      "training tokens                  0.37"]),
+    ("06c", "the total-parameter exponent ranges from 0.40 to 0.53, and leaving out the lowest "
+     "budget's extrapolated optimum moves it to 0.44",
+     ["range over seeds: 0.77 to 1.03, 0.40 to 0.53", "0.53               0.44"]),
     ("06c", "puts it at 0.257 bits per byte against the exact 0.169, and the forecast run then "
      "measured 0.241", ["floor guessed by the fit: L = 0.2569", "the floor): 0.1691 bits",
-                        "predicted 0.2308, measured 0.2409"]),
-    ("06c", "its loss 4.2% above the prediction", ["measured 0.2409: off by +4.2%"]),
+                        "dim  48: seeds 0, 1, 2 measured 0.2409"]),
+    ("06c", "best of three shapes in every seed, its loss 4.2% to 5.1% above the prediction",
+     ["the pick measured lowest in 3 of 3 seeds",
+      "the pick measured off by +4.2%, +4.9%, +5.1%"]),
+    ("06c", "their Figure 3's legend, (0.537, 0.299), gives 16.29T",
+     ["0.299 x (3.8e25)^0.537 = 16.29T tokens"]),
     ("06c", "Meta's printed constants give 10.46T tokens at 3.8 × 10^25 FLOPs",
      ["0.29 x (3.8e25)^0.53 = 10.46T tokens"]),
-    ("06c", "(23 runs, 272 s on one thread)",
-     ["20 sweep runs + 3 forecast runs, 272 s of training"]),
+    ("06c", "(69 runs, 854 s on one thread)",
+     ["20 sweep runs + 3 forecast runs per seed, seeds 0, 1, 2: 854 s of training"]),
     ("10", "within about 1% of the floor on names, places and other words and about 8% above "
      "it on story structure, but pays 5.6 bits per story on function words",
      [Near(r"structure +[\d.]+ +[\d.]+ +(-?[\d.]+)", 0.6, 1),
@@ -252,6 +262,32 @@ TEACHING = [
      "3.15 to 3.19 bits per answer token, and places and things fell to 80%",
      ["qa-lora 100% 100% 100% 100% 3.15 1.991", "qa-lora + DPO 100% 80% 80% 100% 3.19 2.013"]),
     ("07c", "(`check_llama3_dpo_loss`, 5 batches)", ["llama3_dpo_loss: right on all 5 cases"]),
+    ("11a", "6,494 GB for the 405B, 81.2 H100s' worth",
+     ["+ fp32 master weights and Adam's moments 16 6,494 81.2"]),
+    ("11a", "FSDP moved all-gather 2 x 4N and reduce-scatter 1 x 4N bytes a step",
+     ["resharded after the forward: loss and every gradient equal one process: True",
+      "a step moves: all-gather 2 x 4N, reduce-scatter 1 x 4N",
+      "a step moves: all-gather 1 x 4N, reduce-scatter 1 x 4N"]),
+    ("11a", "271 GB in 1,008 calls, each blocking the next layer; FSDP moves 19 GB",
+     ["TP all-reduces per GPU per step: 271 GB in 1,008 calls",
+      "FSDP traffic per GPU per step: 19 GB"]),
+    ("11a", "(16 tokens on 2 ranks: 36 against 100 query-key pairs, where the mirrored chunks "
+     "give 68 each)", ["balanced chunks: [68, 68] one slice each: [36, 100]"]),
+    ("11a", "(`check_cp_chunks`, 20 cases)", ["cp_chunks: right on all 20 cases"]),
+    ("11b", "(q8_0 8.5 bits per weight, q4_0 4.5)",
+     ["q8_0 : 1,575,936 bytes (0.38 of float32); linear layers 8.50 bits per weight",
+      "q4_0: 1,129,472 bytes (0.27 of float32); linear layers 4.50 bits per weight"]),
+    ("11b", "(A float32 per row of 352 weights is 0.09 bits per weight",
+     ["int8 per row : mean |error| 2.67e-04, 8.09 bits per weight"]),
+    ("11b", "gets a scale of 44.64, and 67 of its 1,025 other values fall below float8's "
+     "smallest step; capped at 1,200, 5 do.",
+     ["cap None: scale 44.64, 67 of 1,025 values underflow to 0",
+      "cap 1200.0: scale 2.68, 5 of 1,025 values underflow to 0"]),
+    ("11b", "(KL 0.0136 against 0.0015), yet qa-full still answers all 60 questions",
+     ["int4-tensor ours 4.00 0.1877 1.36e-02 {'hero': 1.0, 'place': 1.0, 'thing': 1.0, "
+      "'friend': 1.0}", "q4_0 ours 4.50 0.1844 1.52e-03", "60 questions"]),
+    ("11b", "the output layer hurts most (KL 9.3e-04)", ["output layer alone in q4_0: 9.3e-04"]),
+    ("11b", "(`check_q4_0_block`, 8 cases)", ["q4_0_block: right on all 8 cases"]),
 ]
 
 # Published figures the documents quote: the notebook must state them too, with the source.
@@ -286,6 +322,11 @@ PUBLISHED = [
       "\"The Llama 3 Herd of Models\", section 3.2"]),
     ("09", "`VocabParallelEmbedding` (meta-llama/llama3, `llama/model.py` line 258)",
      ["`VocabParallelEmbedding` (line 258)", "meta-llama/llama3, `llama/model.py`"]),
+    ("11a", "read the mesh in the order [TP, CP, PP, DP] (section 3.3.2)",
+     ["in the order [TP, CP, PP, DP]", "(section 3.3.2)", "\"The Llama 3 Herd of Models\""]),
+    ("11b", "activations per token with the cap of 1,200",
+     ["\"we upper bound the dynamic scaling factors to 1200\"",
+      "\"The Llama 3 Herd of Models\", section 6.2", "`fp8_activation_scale_ub=1200.0`"]),
 ]
 
 
@@ -339,6 +380,10 @@ NOTEBOOK_PROSE = [
      [Near(r"0%, then fine-tuned +([\d.]+)", 0.22, 2),
       "0%, then fine-tuned 0.22 100% 13% 7% 100% 0.740",
       Near(r"0% dialogs +[\d.]+ +[\d% ]+ ([\d.]+)", 0.179, 3)]),
+    ("11b", "(5 vanish, against 67 without the cap)",
+     ["cap None: scale 44.64, 67 of 1,025", "cap 1200.0: scale 2.68, 5 of 1,025"]),
+    ("11b", "Per row, the error falls by more than a third; per group of 32 weights, by almost a "
+     "third again.", ["mean |error| 4.46e-04", "mean |error| 2.67e-04", "mean |error| 1.86e-04"]),
 ]
 
 def _check(number, phrase, wanted, document, source):
@@ -408,6 +453,37 @@ def test_teachings_time_table_lists_every_notebook_with_its_estimated_class_leng
     for name, minutes in rows:
         estimate = class_length.estimate(ROOT / "notebooks" / f"{name}.ipynb")["minutes"]
         assert int(minutes) == estimate, f"TEACHING.md: {name} takes about {estimate} min"
+
+
+def test_readmes_range_of_class_lengths_is_the_time_tables():
+    """README's "N to M minutes by TEACHING.md's estimate" spans tools/class_length.py's
+    estimates of the main line, shortest to longest."""
+    from nb_support import load_tool
+
+    class_length = load_tool("class_length")
+    found = re.search(r"(\d+) to (\d+) minutes by TEACHING\.md's estimate", _doc("README.md"))
+    assert found, "README.md no longer gives the range of class lengths"
+    minutes = [class_length.estimate(p)["minutes"] for p in NOTEBOOKS.values()]
+    assert (int(found[1]), int(found[2])) == (min(minutes), max(minutes)), (
+        f"README.md: each class is {min(minutes)} to {max(minutes)} minutes")
+
+
+def test_class_length_counts_a_chapters_questions_once_and_a_labs_for_the_lab(tmp_path):
+    """tools/class_length.py: a chapter in parts shares its questions, the first part taking
+    the odd one; a question marked for a lab counts for the lab only; headings without a
+    notebook's number (the syllabus) count for nothing."""
+    from nb_support import load_tool
+
+    class_length = load_tool("class_length")
+    teaching = tmp_path / "TEACHING.md"
+    teaching.write_text(
+        "### A 12-week term: two 75-minute sessions\n\n**Questions for the class.**\n- x?\n\n"
+        "### 01a and 01b · The tokenizer\n\n**Questions for the class.**\n- a?\n- b?\n"
+        "  (b, continued.)\n- c?\n- (Lab `01a_lab_x`.) d?\n\nA paragraph.\n- not a question\n"
+        "### 12 · Twelve\n\nNo questions.\n", encoding="utf-8")
+    count = class_length.class_questions
+    assert [count(f"{n}.ipynb", teaching) for n in ("01a_t", "01b_t", "01a_lab_x", "12_x",
+                                                   "75_x")] == [2, 1, 1, 0, 0]
 
 
 def test_teaching_names_every_lab_and_its_time_table_rows_are_estimated():
