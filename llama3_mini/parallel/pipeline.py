@@ -163,4 +163,4 @@ def pipeline_step(schedule, stages: list, tokens: torch.Tensor, targets: torch.T
                            losses=losses if last else None)
     if not last:
         return None, None
-    return torch.stack(losses).mean(), logits
+    return torch.stack(losses).mean().detach(), logits
