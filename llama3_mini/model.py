@@ -81,6 +81,21 @@ def attention(q, k, v, mask=None):
     return weights @ v, weights
 
 
+def fused_attention(q, k, v, mask=None, enable_gqa: bool = False):
+    """torch's fused scaled_dot_product_attention, with one exception: in bfloat16 on a CPU
+    without AVX-512, where torch's fused kernel raises ("pack_vnni2 is only supported when
+    avx512 is supported", torch 2.13: every backward, and forwards past a few dozen tokens), it
+    runs in float32 (the same attention, a little slower; tests/test_model.py)."""
+    if (q.dtype == torch.bfloat16 and q.device.type == "cpu"
+            and torch.backends.cpu.get_cpu_capability() != "AVX512"):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), enable_gqa=enable_gqa,
+                attn_mask=None if mask is None else mask.float())
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE: n_heads query heads share n_kv_heads key/value
     heads, n_rep = n_heads // n_kv_heads each.
@@ -114,8 +129,7 @@ class Attention(nn.Module):
         if self.fused:
             # The fused kernel shares each KV head among its query heads itself, without
             # the copy that repeat_kv makes (the same result; tests/test_model.py checks).
-            out = F.scaled_dot_product_attention(q, xk.transpose(1, 2), xv.transpose(1, 2),
-                                                 attn_mask=mask, enable_gqa=self.n_rep > 1)
+            out = fused_attention(q, xk.transpose(1, 2), xv.transpose(1, 2), mask, self.n_rep > 1)
         else:
             keys = repeat_kv(xk, self.n_rep).transpose(1, 2)  # (bsz, n_heads, total, head_dim)
             values = repeat_kv(xv, self.n_rep).transpose(1, 2)

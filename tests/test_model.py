@@ -153,6 +153,64 @@ def test_bf16_model_keeps_rope_angles_in_float32():
     assert model(torch.zeros(1, 4, dtype=torch.long)).dtype == torch.float32
 
 
+BF16_STEP = """
+import torch
+import torch.nn.functional as F
+from llama3_mini.config import get_preset
+from llama3_mini.model import Transformer
+torch.manual_seed(0)
+model = Transformer(get_preset("tiny").replace(n_layers=1, vocab_size=64))
+tokens = torch.randint(0, 64, (2, 257))
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+loss.backward()
+with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    model(tokens)  # a forward of 257 tokens, as an evaluation runs
+print(torch.backends.cpu.get_cpu_capability(), loss.item(),
+      all(torch.isfinite(p.grad).all() for p in model.parameters()))
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_bf16_training_step_runs_on_a_cpu_without_avx512(capability):
+    """torch 2.13's fused attention in bfloat16 raises on CPUs without AVX-512 ('pack_vnni2 is
+    only supported when avx512 is supported', in every backward and in longer forwards): most
+    laptops. The model's
+    fused_attention then runs it in float32; here the step runs in a process that sees such a
+    CPU (ATEN_CPU_CAPABILITY), and its loss is the one computed on this machine's kernels to
+    bfloat16's precision."""
+    import os
+    import subprocess
+    import sys
+
+    def run(env):
+        out = subprocess.run([sys.executable, "-c", BF16_STEP], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+
+    cap, loss, finite = run({"ATEN_CPU_CAPABILITY": capability})
+    assert cap == capability.upper() and finite == "True"
+    _, native, _ = run({})
+    assert abs(float(loss) - float(native)) < 0.02 * float(native)
+
+
+def test_fused_attention_in_bf16_without_avx512_equals_float32_attention(monkeypatch):
+    from llama3_mini.model import fused_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, h, 16, 8).bfloat16().requires_grad_() for h in (4, 2, 2))
+    mask = causal_mask(16)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    out = fused_attention(q, k, v, mask, enable_gqa=True)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want.bfloat16())
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
+
 def test_functions_given_a_model_use_its_device_and_never_move_it():
     model = Transformer(get_preset("tiny").replace(n_layers=1))
     assert model_device(model) == torch.device("cpu")
