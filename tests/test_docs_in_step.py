@@ -274,6 +274,8 @@ TEACHING = [
     ("11a", "(16 tokens on 2 ranks: 36 against 100 query-key pairs, where the mirrored chunks "
      "give 68 each)", ["balanced chunks: [68, 68] one slice each: [36, 100]"]),
     ("11a", "(`check_cp_chunks`, 20 cases)", ["cp_chunks: right on all 20 cases"]),
+    ("11a", "(at 1,024 tokens, 14.8 MiB of activations a rank against one process's 27.7)",
+     ["one process 27.7 MiB; CP = 2 14.8 MiB a rank"]),
     ("11b", "(q8_0 8.5 bits per weight, q4_0 4.5)",
      ["q8_0 : 1,575,936 bytes (0.38 of float32); linear layers 8.50 bits per weight",
       "q4_0: 1,129,472 bytes (0.27 of float32); linear layers 4.50 bits per weight"]),
