@@ -8,7 +8,9 @@ scratch on exactly that budget (cosine schedule over the steps that spend it) an
 validation bits per byte recorded. Then the law is fitted (scaling.fit_law, the floor fixed at
 the validation stories' exact entropy), and at FORECAST_BUDGET, larger than any in the sweep,
 the law's shape and the two family widths beside it are trained: the predicted loss and size
-against the measured.
+against the measured. Then the sweep and the forecast's three runs again with each seed of
+EXTRA_SEEDS (other initial weights and batch order, the same corpus): the law stays the one
+fitted to seed 0, and the card's "seeds" give the spread a single run hides.
 
 assets/scaling-laws/: card.json (the recipe, every run, the optima, the law, the forecast),
 README.md. Numbers only (no weights); the law in card.json is what `llama3-mini train
@@ -50,6 +52,7 @@ N_STORIES, VAL_FRACTION, SEQ_LEN, BATCH, LR = 40_000, 0.0025, 64, 4, 3e-3
 PLAN = {1.26e10: [8, 16, 32, 48, 64], 4e10: [8, 16, 32, 48, 64],
         1.26e11: [16, 32, 48, 64, 80], 4e11: [16, 32, 48, 64, 80]}
 FORECAST_BUDGET = 8e11  # twice the largest budget of the sweep
+EXTRA_SEEDS = (1, 2)  # the sweep and forecast again: about 9 more CPU minutes on one thread
 
 
 def main(threads: int = 1) -> None:
@@ -60,11 +63,15 @@ def main(threads: int = 1) -> None:
     saved = Path(tempfile.gettempdir()) / "llama3-mini-scaling-rows.json"  # --reuse: resume
     cache = json.loads(saved.read_text()) if saved.exists() and "--reuse" in sys.argv else []
 
-    def run(budget: float, dim: int) -> dict:  # one training run, or its row from the cache
-        row = next((r for r in cache if (r["budget"], r["dim"]) == (budget, dim)), None)
+    def run(budget: float, dim: int, seed: int = 0) -> dict:  # a run, or its cached row
+        row = next((r for r in cache if (r["budget"], r["dim"], r.get("seed", 0))
+                    == (budget, dim, seed)), None)
         if row is None:
             args = family_shape(dim, tokenizer.n_words)
-            row = {"budget": budget, **train_for_budget(args, data, budget, SEQ_LEN, BATCH, LR)}
+            row = {"budget": budget,
+                   **train_for_budget(args, data, budget, SEQ_LEN, BATCH, LR, seed=seed)}
+            if seed:
+                row["seed"] = seed
             cache.append(row)
             saved.write_text(json.dumps(cache))
         print(json.dumps(row), flush=True)
@@ -80,8 +87,14 @@ def main(threads: int = 1) -> None:
                 "predicted_tokens": law.tokens_for(FORECAST_BUDGET),
                 "predicted_bpb": law.loss_for(FORECAST_BUDGET), "chosen_dim": args.dim,
                 "chosen_params": non_embedding_params(args), "runs": []}
-    for d in (DIMS[max(i - 1, 0)], DIMS[i], DIMS[i + 1]):  # the pick, the family either side
-        forecast["runs"].append(run(FORECAST_BUDGET, d))
+    around = (DIMS[max(i - 1, 0)], DIMS[i], DIMS[i + 1])  # the pick, the family either side
+    forecast["runs"] = [run(FORECAST_BUDGET, d) for d in around]
+    seeds = {}
+    for seed in EXTRA_SEEDS:
+        again = [run(c, d, seed) for c, dims in PLAN.items() for d in dims]
+        seed_law, seed_optima = fit_law(again, data.floor, **sweep)
+        seeds[str(seed)] = {"rows": again, "optima": seed_optima, "law": seed_law.to_dict(),
+                            "forecast_runs": [run(FORECAST_BUDGET, d, seed) for d in around]}
     card = {"corpus": f"story_data(story-model tokenizer, {N_STORIES}, seq_len={SEQ_LEN}, "
                       f"seed=0, val_fraction={VAL_FRACTION})",
             "recipe": f"AdamW, batch {BATCH} x {SEQ_LEN} tokens, lr {LR:g} with a cosine to "
@@ -89,7 +102,7 @@ def main(threads: int = 1) -> None:
                       "scaling.flops_per_token x tokens",
             "floor_bpb": data.floor, "plan": {str(k): v for k, v in PLAN.items()},
             "rows": rows, "optima": optima, "law": law.to_dict(),
-            "law_floor_guessed": guessed.to_dict(), "forecast": forecast,
+            "law_floor_guessed": guessed.to_dict(), "forecast": forecast, "seeds": seeds,
             "torch_threads": threads, "cpu_seconds": round(time.process_time() - start, 1),
             "training_cpu_seconds": round(sum(r["cpu_seconds"] for r in cache), 1)}
     _save(card)
@@ -107,14 +120,25 @@ def _save(card: dict) -> None:
     table = "\n".join(f"| {o['budget']:.3g} | {o['params']:,.0f}"
                       f"{'' if o['inside'] else ' (extrapolated)'} | {o['tokens']:,.0f} | "
                       f"{o['val_bpb']:.4f} |" for o in card["optima"])
-    runs = "\n".join(f"| {r['dim']} | {r['params']:,} | {r['val_bpb']:.4f} |" for r in f["runs"])
+    seeds = card.get("seeds", {})
+    n_runs = len(card["rows"]) + len(f["runs"]) + sum(
+        len(s["rows"]) + len(s["forecast_runs"]) for s in seeds.values())
+    runs = "\n".join(f"| {r['dim']} | {r['params']:,} | {r['val_bpb']:.4f} |"
+                     + "".join(f" {s['forecast_runs'][k]['val_bpb']:.4f} |" for s in seeds.values())
+                     for k, r in enumerate(f["runs"]))
+    spread = "\n".join(f"| {seed} | {s['law']['alpha_params']:.3f} | "
+                       f"{s['law']['alpha_tokens']:.3f} | "
+                       + ", ".join(f"{o['params']:,.0f}" for o in s["optima"]) + " |"
+                       for seed, s in {"0": {"law": law, "optima": card["optima"]},
+                                       **seeds}.items())
     (work / "README.md").write_text(f"""# scaling-laws: an IsoFLOP sweep on the story corpus
 
-Made by `make assets` (assets/make_scaling.py): its {len(card['rows']) + len(f['runs'])}
+Made by `make assets` (assets/make_scaling.py): its {n_runs}
 training runs took {card['training_cpu_seconds']} CPU seconds on {card['torch_threads']} thread
 (about {card['training_cpu_seconds'] / 60:.0f} minutes of one idle core, plus a few seconds to
 tokenize the corpus); numbers only, no weights. Corpus: {card['corpus']}; exact entropy floor
-{card['floor_bpb']:.4f} bits per byte. Recipe: {card['recipe']}. {len(card['rows'])} runs.
+{card['floor_bpb']:.4f} bits per byte. Recipe: {card['recipe']}. {len(card['rows'])} sweep
+runs per seed, seeds 0{"".join(f", {k}" for k in seeds)}.
 
 Compute-optimal points (a parabola in log N per budget):
 
@@ -129,9 +153,15 @@ Law (floor fixed): N* = {law['a_params']:.3g} C^{law['alpha_params']:.3f}, D* =
 Forecast at {f['budget']:.3g} FLOPs: {f['predicted_params']:,.0f} parameters, predicted
 {f['predicted_bpb']:.4f} bits per byte; trained:
 
-| dim | non-embedding params | val bits/byte |
-| --- | --- | --- |
+| dim | non-embedding params | val bits/byte, seed 0 |{"".join(f" seed {k} |" for k in seeds)}
+| --- | --- | --- |{" --- |" * len(seeds)}
 {runs}
+
+The same sweep with other seeds (initial weights and batch order; the corpus is the same):
+
+| seed | alpha, params | alpha, tokens | optima (non-embedding params) |
+| --- | --- | --- | --- |
+{spread}
 """)
     shutil.rmtree(out, ignore_errors=True)
     work.rename(out)

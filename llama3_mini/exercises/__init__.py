@@ -30,7 +30,7 @@ from .layers import (
 from .parallel import check_cp_chunks
 from .posttraining import check_llama3_dpo_loss
 from .quantization import check_q4_0_block
-from .scaling import check_compute_optimal, check_isoflop_optimum  # the first: until 06c moves
+from .scaling import check_isoflop_optimum
 from .training import (
     check_lora_params,
     check_loss_mask,
@@ -51,5 +51,5 @@ __all__ = [
     "first_difference", "check_lr_schedule", "check_text_bits_per_byte",
     "check_loss_mask", "check_lora_params", "check_rope_scaling", "check_stretch_context",
     "check_merge_shards", "check_name_entropy", "check_llama3_dpo_loss", "check_isoflop_optimum",
-    "check_compute_optimal", "check_cp_chunks", "check_q4_0_block",
+    "check_cp_chunks", "check_q4_0_block",
 ]
