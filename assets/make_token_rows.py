@@ -1,4 +1,4 @@
-"""Chapter 07b's measurement of why LoRA stays unsure (`make assets`, or
+"""The 07b lab's measurement of why LoRA stays unsure (`make assets`, or
 `python assets/make_token_rows.py`): the qa-lora recipe (rank 16 on all seven projections,
 alpha 32, 1,500 steps of 16 dialogs at 3e-3, seed 0) run again with the output rows of the
 reply tokens the pre-training stories (almost) never contain made trainable too
@@ -132,7 +132,7 @@ a run that names it, the embedding rows) of the rare reply tokens train too
 {rows}
 
 adapters.safetensors holds each run's adapters and rows (float16), keys prefixed with the
-run's name (spaces as underscores). Notebook 07b loads them onto
+run's name (spaces as underscores). The lab 07b_lab_output_rows loads them onto
 `train_token_rows(add_lora(base, TARGETS, RANK, ALPHA), ids, modules)`.
 """)
     shutil.rmtree(out, ignore_errors=True)
