@@ -290,6 +290,14 @@ TEACHING = [
       "'friend': 1.0}", "q4_0 ours 4.50 0.1844 1.52e-03", "60 questions"]),
     ("11b", "the output layer hurts most (KL 9.3e-04)", ["output layer alone in q4_0: 9.3e-04"]),
     ("11b", "(`check_q4_0_block`, 8 cases)", ["q4_0_block: right on all 8 cases"]),
+    ("11c", "scores on one GPU: 34.4 GB, of an H100's 80 GB.)",
+     ["one layer's scores on one GPU: 34.4 GB, of an H100's 80 GB"]),
+    ("11c", "the explicit peak grows 3.87 times, the tiled 1.78.)",
+     ["from 1,024 to 2,048 tokens: {'explicit': 3.87, 'tiled': 1.78"]),
+    ("11c", "528 tiles computed, 496 skipped (48%).)",
+     ["causal, 2,048 tokens: 528 tiles computed, 496 skipped (48%)"]),
+    ("11c", "(`check_online_softmax_step`, 10 cases)",
+     ["online_softmax_step: right on all 10 cases"]),
 ]
 
 # Published figures the documents quote: the notebook must state them too, with the source.
@@ -326,6 +334,10 @@ PUBLISHED = [
      ["`VocabParallelEmbedding` (line 258)", "meta-llama/llama3, `llama/model.py`"]),
     ("11a", "read the mesh in the order [TP, CP, PP, DP] (section 3.3.2)",
      ["in the order [TP, CP, PP, DP]", "(section 3.3.2)", "\"The Llama 3 Herd of Models\""]),
+    ("11c", "Llama 3's FP32 gradient accumulation and reduce-scatter",
+     ["\"we use FP32 gradient accumulation during backward computation over multiple "
+      "micro-batches and also reduce-scatter gradients in FP32 across data parallel workers in "
+      "FSDP\"", "section 3.3.2, \"Numerical stability\""]),
     ("11b", "activations per token with the cap of 1,200",
      ["\"we upper bound the dynamic scaling factors to 1200\"",
       "\"The Llama 3 Herd of Models\", section 6.2", "`fp8_activation_scale_ub=1200.0`"]),

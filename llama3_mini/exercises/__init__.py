@@ -7,6 +7,7 @@ package; an exception raised by the learner's own code propagates, to their line
 `building` holds chapters 00, 01 and 05, `layers` 02 to 04, `training` 06 to 10 (and
 `synthetic_data` chapter 10's); a notebook
 imports from here: `from llama3_mini.exercises import check_merge`."""
+from .attention_kernel import check_online_softmax_step
 from .building import (
     check_count_pairs,
     check_count_params,
@@ -51,5 +52,5 @@ __all__ = [
     "first_difference", "check_lr_schedule", "check_text_bits_per_byte",
     "check_loss_mask", "check_lora_params", "check_rope_scaling", "check_stretch_context",
     "check_merge_shards", "check_name_entropy", "check_llama3_dpo_loss", "check_isoflop_optimum",
-    "check_cp_chunks", "check_q4_0_block",
+    "check_cp_chunks", "check_q4_0_block", "check_online_softmax_step",
 ]
