@@ -51,15 +51,17 @@ def test_the_course_is_the_notebooks_in_the_readmes_course_map():
 
 def test_notebook_00s_course_map_names_every_notebook_and_lab():
     """00's "The course" cell is the learner's map: a table row for each notebook of
-    notebooks/ and each lab of notebooks/labs/, in order, named as the file is."""
+    notebooks/ and each lab of notebooks/labs/, in order, named as the file is, and no other."""
     nb = nbformat.read(ROOT / "notebooks" / "00_llama3_at_a_glance.ipynb", as_version=4)
     [cell] = [c for c in nb.cells
               if c.cell_type == "markdown" and c.source.startswith("## The course")]
     rows = re.findall(r"^\| `(\d\d[a-z]?_\w+)`", cell.source, re.M)
     for part in ([r for r in rows if "_lab_" not in r], [r for r in rows if "_lab_" in r]):
         assert part == sorted(part), f"00's course map is out of order: {part}"
-    missing = [p.stem for p in (*NOTEBOOKS, *LABS) if p.stem not in rows]
-    assert not missing, f"00's course map does not name {missing}"
+    files = [p.stem for p in (*NOTEBOOKS, *LABS)]
+    assert sorted(rows) == sorted(files), (
+        f"00's course map: not in notebooks/ {sorted(set(rows) - set(files))}, "
+        f"not in the map {sorted(set(files) - set(rows))}")
 
 
 def test_the_labs_are_named_after_a_chapter_and_listed_under_going_further():
