@@ -6,9 +6,9 @@ STEPS steps each, long enough to answer every kind of question. Too long for the
 - assets/qa-full/: the fully fine-tuned model (float16), `load_pretrained("qa-full")`;
 - assets/qa-lora/: LoRA adapters (rank 16 on all seven projections, float16) for the story
   model, adapters.safetensors, loaded onto `add_lora(base, TARGETS, RANK, ALPHA)`;
-- assets/qa-mix-0/ and assets/qa-mix-25/: chapter 10's mixtures, the story model trained on
-  for MIX_STEPS more steps on fresh stories with 0% and 25% of the documents question-answer
-  dialogs (`mixture()`), `load_pretrained("qa-mix-25")`.
+- assets/qa-mix-0/ and assets/qa-mix-25/: the mixtures of the lab notebooks/labs/10_lab_qa_mixture,
+  the story model trained on for MIX_STEPS more steps on fresh stories with 0% and 25% of the
+  documents question-answer dialogs (`mixture()`), `load_pretrained("qa-mix-25")`.
 
 Each method's learning rate is chosen among LRS[method] by exact match on validation
 questions about VAL_STORIES stories set apart from the training stories (the notebook's

@@ -1,8 +1,9 @@
 """Chapter 10, what a model learns from synthetic data: the grammar's information by kind
 of choice set against a model's loss on the same bytes, how well a model copies names from
 context and which heads do it (chapter 03's probe, for every head), the diversity of a set of
-stories (distinct texts, the entropy of the heroes' names), and Wilson's interval for a share
-measured on n samples."""
+stories (distinct texts, the entropy of the heroes' names), Wilson's interval for a share
+measured on n samples, and the names a next generation trains on when a model writes its data
+(model collapse, in its simplest form)."""
 from __future__ import annotations
 
 import math
@@ -201,3 +202,22 @@ def copying_probe(model, tokenizer, stories, attention_weights, min_gap: int = 8
         raise ValueError("no query: give stories whose friend is named again "
                          f"at least {min_gap} tokens after a mention")
     return {**{k: v / n for k, v in probe.items()}, "queries": n}
+
+
+def next_name_distribution(p: torch.Tensor, temperature: float, real_share: float = 0.0,
+                           real_p: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution of names in the next generation's training data, when a model whose
+    names follow p writes (1 - real_share) of it by sampling at `temperature` and real stories
+    (names following real_p) make up the rest. Sampling at temperature T divides the logits,
+    log p, by T, so the model's share follows p ** (1 / T), renormalised; the real share is
+    mixed in as it is. A model that learned its data exactly would follow the result.
+
+    p = [0.5, 0.25, 0.25], T = 0.5, no real data -> [0.667, 0.167, 0.167] (the likely name
+    gains); the same with half real, uniform stories -> [0.5, 0.25, 0.25]."""
+    p = torch.as_tensor(p, dtype=torch.float64)
+    sampled = torch.softmax(torch.log(p) / temperature, dim=-1)  # exp(log p / T), normalised
+    if real_share == 0.0:
+        return sampled
+    if real_p is None:
+        raise ValueError("real_share > 0 needs real_p, the names' distribution in real stories")
+    return (1 - real_share) * sampled + real_share * torch.as_tensor(real_p, dtype=torch.float64)

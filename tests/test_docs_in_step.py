@@ -8,16 +8,16 @@ Each quote is (notebook, phrase in the document, what must be in the notebook). 
 must appear in the document word for word (line breaks and runs of spaces count as one
 space); what the notebook must hold is a snippet of its stored outputs, or a regular
 expression whose number, rounded as the document rounds it, is the quoted one."""
-import math
 import re
 from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 from llama3_mini.config import get_preset, num_params
 from llama3_mini.exercises import count_params_with_qkv_bias, ffn_params
-from llama3_mini.synthetic import name_entropy_bits
+from llama3_mini.synthetic import next_name_distribution
 
 ROOT = Path(__file__).resolve().parents[1]
 # "00", "01a", "01b", ...: a chapter's number, with the part's letter where it has parts
@@ -441,9 +441,10 @@ def test_teaching_figures_computed_from_the_package():
     for number in (ffn, 2 * 4096 * 14336, 3 * 4096 * 21504, 3 * 4096 * 13312):
         assert f"{number:,}" in doc, f"TEACHING.md lacks {number:,} (chapter 04's exercise)"
     assert ffn == 3 * 4096 * 14336
-    assert f"{math.log(2):.3f} instead of 1.0 for two names" in doc
-    lily = name_entropy_bits(["Lily", "Lily", "Tom", "Mia"])
-    assert f"{math.log2(3):.3f} instead of {lily}" in doc
+    p = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)  # chapter 10's exercise
+    right, flat = next_name_distribution(p, 0.5), p ** 0.5 / (p ** 0.5).sum()  # p ** T
+    flat, right = ("[" + ", ".join(f"{x:.3f}" for x in q.tolist()) + "]" for q in (flat, right))
+    assert f"gives {flat} instead of {right}" in doc
 
 
 def test_every_notebook_has_a_teaching_section():

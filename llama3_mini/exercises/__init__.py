@@ -32,6 +32,7 @@ from .parallel import check_cp_chunks
 from .posttraining import check_llama3_dpo_loss
 from .quantization import check_q4_0_block
 from .scaling import check_isoflop_optimum
+from .synthetic_data import check_next_names
 from .training import (
     check_lora_params,
     check_loss_mask,
@@ -52,5 +53,5 @@ __all__ = [
     "first_difference", "check_lr_schedule", "check_text_bits_per_byte",
     "check_loss_mask", "check_lora_params", "check_rope_scaling", "check_stretch_context",
     "check_merge_shards", "check_name_entropy", "check_llama3_dpo_loss", "check_isoflop_optimum",
-    "check_cp_chunks", "check_q4_0_block", "check_online_softmax_step",
+    "check_cp_chunks", "check_q4_0_block", "check_online_softmax_step", "check_next_names",
 ]
