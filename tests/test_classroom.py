@@ -65,10 +65,12 @@ def test_notebook_00s_course_map_names_every_notebook_and_lab():
 
 
 def test_the_labs_are_named_after_a_chapter_and_listed_under_going_further():
-    """A lab (notebooks/labs/) extends one chapter of the main line and is named after it;
+    """A lab (notebooks/labs/) extends one chapter of the main line and is named after it (a
+    chapter in parts by its number: 08_lab_x extends 08a and 08b);
     README lists every lab in its "Going further" table, in order, after the course map."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     chapters = {p.stem.split("_")[0] for p in NOTEBOOKS}
+    chapters |= {c[:2] for c in chapters}  # a chapter taught in parts (08a, 08b) is also "08"
     for lab in LABS:
         assert chapter_of_lab(lab) in chapters, (
             f"{lab.name} extends chapter {chapter_of_lab(lab)}, which notebooks/ does not have")

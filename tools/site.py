@@ -329,6 +329,8 @@ def build_site(src: Path, dst: Path, course: str = "llama3-mini") -> list[Path]:
     lab_pages = [(p.stem + ".html", title_of(nb, p.stem))
                  for p, nb in zip(labs, lab_notebooks, strict=True)]
     by_number = {p.stem.split("_")[0]: page for p, page in zip(paths, pages, strict=True)}
+    for p, page in zip(paths, pages, strict=True):  # a chapter in parts (08a, 08b): a lab
+        by_number.setdefault(p.stem[:2], page)  # named after it (08_lab_x) links its first
     navs = [_nav(pages, i) for i in range(len(pages))] + [
         _lab_nav(by_number.get(p.stem.split("_")[0])) for p in labs]
     html_exporter, written, sections = exporter(), [], []

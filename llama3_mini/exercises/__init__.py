@@ -18,6 +18,7 @@ from .building import (
     count_params_with_qkv_bias,
 )
 from .checking import first_difference, run_checks, same
+from .document_mask import check_document_mask
 from .layers import (
     check_ffn_hidden_dim,
     check_ffn_params,
@@ -54,4 +55,5 @@ __all__ = [
     "check_loss_mask", "check_lora_params", "check_rope_scaling", "check_stretch_context",
     "check_merge_shards", "check_name_entropy", "check_llama3_dpo_loss", "check_isoflop_optimum",
     "check_cp_chunks", "check_q4_0_block", "check_online_softmax_step", "check_next_names",
+    "check_document_mask",
 ]
