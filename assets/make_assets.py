@@ -11,9 +11,11 @@
   parameter, each fine-tuned alike (make_pretraining_lengths.py, about twelve minutes);
   chapter 07;
 - assets/qa-mix-0/ and assets/qa-mix-25/: the story model trained on with 0% and 25% of its
-  documents question-answer dialogs (make_qa_finetunes.py, `mixture`, two minutes); lab 10_lab_qa_mixture;
+  documents question-answer dialogs (make_qa_finetunes.py, `mixture`, two minutes);
+  lab 10_lab_qa_mixture;
 - assets/lora-token-rows/: qa-lora's recipe with the output rows of the reply tokens the
-  stories never contain trainable too (make_token_rows.py, three to five minutes); lab 07b_lab_output_rows;
+  stories never contain trainable too (make_token_rows.py, three to five minutes);
+  lab 07b_lab_output_rows;
 - assets/long-recall/: the story model stretched to 2,048 positions and fine-tuned to carry a
   name far (make_long_recall.py, two minutes); chapter 08;
 - assets/collapse-seeds/: chapter 10's model-collapse chains for five more seeds, numbers only
