@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+# make test's two pytest workers (pytest-xdist), each file's tests on one worker in order (a
+# notebook's cells run in one kernel): a 2-core machine's both cores. TEST_JOBS=1: one process.
+TEST_JOBS ?= 2
+JOBS := $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
 .PHONY: setup browser lab test test-other-cpu test-fast notebooks student site bench assets lint clean
 
@@ -53,7 +57,7 @@ browser:
 # Every test: unit, parity, property, browser, and nbval replaying every notebook; then the
 # notebooks again under another CPU's arithmetic (test-other-cpu).
 test: $(STAMP) browser
-	PYTHONHASHSEED=0 $(PY) -m pytest tests notebooks $(NBVAL) -q
+	PYTHONHASHSEED=0 $(PY) -m pytest tests notebooks $(NBVAL) -q $(JOBS)
 	$(MAKE) --no-print-directory test-other-cpu
 
 # The notebooks replayed with torch's plain, non-vectorised kernels on one thread: the
@@ -62,7 +66,7 @@ test: $(STAMP) browser
 # here, where it is made, rather than on a learner's laptop.
 OTHER_CPU := ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 test-other-cpu: $(STAMP)
-	$(OTHER_CPU) PYTHONHASHSEED=0 $(PY) -m pytest notebooks $(NBVAL) -q
+	$(OTHER_CPU) PYTHONHASHSEED=0 $(PY) -m pytest notebooks $(NBVAL) -q $(JOBS)
 
 # The quick tests, in under a minute: neither the notebooks nor the tests marked slow (over
 # ~2 s: subprocesses, training runs, torchrun, the site and wheel builds, nbgrader, the
