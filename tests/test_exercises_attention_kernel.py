@@ -4,7 +4,6 @@ over the tiles of a row and divided once at the end, it must give torch's softma
 import pytest
 import torch
 
-from llama3_mini.exercises import attention_kernel as ak
 from llama3_mini.exercises import check_online_softmax_step
 
 
@@ -31,10 +30,44 @@ def test_the_right_step_passes(capsys):
     assert "right on all" in capsys.readouterr().out
 
 
+# Each likely mistake, written here from its description (not taken from the checker).
+def no_o_rescale(m, l, o, s, v):
+    top, new_l, _ = right_step(m, l, o, s, v)
+    return top, new_l, o + (s - top).exp() @ v
+
+
+def no_l_rescale(m, l, o, s, v):
+    top, _, new_o = right_step(m, l, o, s, v)
+    return top, l + (s - top).exp().sum(-1, keepdim=True), new_o
+
+
+def upside_down(m, l, o, s, v):
+    top = torch.maximum(m, s.max(dim=-1, keepdim=True).values)
+    grow, weights = (top - m).exp(), (s - top).exp()
+    return top, grow * l + weights.sum(-1, keepdim=True), grow * o + weights @ v
+
+
+def old_maximum(m, l, o, s, v):
+    top = torch.maximum(m, s.max(dim=-1, keepdim=True).values)
+    weights = (s - m).exp()
+    return top, l + weights.sum(-1, keepdim=True), o + weights @ v
+
+
+def tile_maximum(m, l, o, s, v):
+    top = s.max(dim=-1, keepdim=True).values
+    shrink, weights = (m - top).exp(), (s - top).exp()
+    return top, shrink * l + weights.sum(-1, keepdim=True), shrink * o + weights @ v
+
+
+def divided_each_step(m, l, o, s, v):
+    top, new_l, new_o = right_step(m, l, o, s, v)
+    return top, new_l, new_o / new_l
+
+
 @pytest.mark.parametrize("wrong, named", [
-    (ak._no_o_rescale, "o is not rescaled"), (ak._no_l_rescale, "l is not rescaled"),
-    (ak._inverted, "upside down"), (ak._old_max, "use the old maximum"),
-    (ak._tile_max, "the tile's own maximum"), (ak._divided, "divided by l at every step")])
+    (no_o_rescale, "o is not rescaled"), (no_l_rescale, "l is not rescaled"),
+    (upside_down, "upside down"), (old_maximum, "use the old maximum"),
+    (tile_maximum, "the tile's own maximum"), (divided_each_step, "divided by l at every step")])
 def test_each_mistake_is_named(wrong, named, capsys):
     assert not check_online_softmax_step(wrong)
     assert named in capsys.readouterr().out
